@@ -1,0 +1,293 @@
+"""Model configs, the registry, and checkpoint loading / saving.
+
+Official ``.pth`` files (``sam_vit_{b,l,h}_*.pth``, MobileSAM's ``mobile_sam.pt``) load
+unchanged and strictly, with ``torch.load(weights_only=True)``. samkit's own checkpoints are
+safetensors files that also record which config they belong to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from samkit.errors import SamkitError
+from samkit.modeling.image_encoder import ImageEncoderViT
+from samkit.modeling.mask_decoder import MaskDecoder
+from samkit.modeling.prompt_encoder import PromptEncoder
+from samkit.modeling.sam import Sam
+from samkit.modeling.transformer import TwoWayTransformer
+
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """ViTDet-style plain ViT encoder (SAM ViT-B/L/H)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    patch_size: int = 16
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    """TinyViT encoder (MobileSAM); the defaults are TinyViT-5M as in ``mobile_sam.pt``."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Everything needed to build a SAM; the prompt encoder / decoder are the paper's."""
+
+    encoder: ViTConfig | TinyViTConfig
+    image_size: int = 1024
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_num_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    bundled_weights: str | None = None  # file in samkit/weights/ shipped with the package
+    description: str = field(default="", compare=False)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // 16
+
+
+MODEL_CONFIGS: dict[str, SamConfig] = {
+    "vit_h": SamConfig(
+        ViTConfig(1280, 32, 16, (7, 15, 23, 31)), description="SAM ViT-H (636M), official"
+    ),
+    "vit_l": SamConfig(
+        ViTConfig(1024, 24, 16, (5, 11, 17, 23)), description="SAM ViT-L (308M), official"
+    ),
+    "vit_b": SamConfig(
+        ViTConfig(768, 12, 12, (2, 5, 8, 11)), description="SAM ViT-B (91M), official"
+    ),
+    "vit_t": SamConfig(TinyViTConfig(), description="MobileSAM TinyViT-5M (10M)"),
+    "samkit-tiny": SamConfig(
+        TinyViTConfig(),
+        image_size=512,
+        bundled_weights="samkit_tiny.safetensors",
+        description="samkit's default: TinyViT-5M at 512 px, trained with samkit train",
+    ),
+}
+DEFAULT_MODEL = "samkit-tiny"
+
+
+def get_config(name: str) -> SamConfig:
+    try:
+        return MODEL_CONFIGS[name]
+    except KeyError:
+        valid = ", ".join(MODEL_CONFIGS)
+        raise SamkitError(f"unknown model {name!r}; choose one of: {valid}") from None
+
+
+def build_image_encoder(cfg: SamConfig, drop_path_rate: float = 0.0) -> nn.Module:
+    enc = cfg.encoder
+    if isinstance(enc, ViTConfig):
+        return ImageEncoderViT(
+            img_size=cfg.image_size,
+            patch_size=enc.patch_size,
+            embed_dim=enc.embed_dim,
+            depth=enc.depth,
+            num_heads=enc.num_heads,
+            mlp_ratio=enc.mlp_ratio,
+            out_chans=cfg.prompt_embed_dim,
+            window_size=enc.window_size,
+            global_attn_indexes=enc.global_attn_indexes,
+            drop_path_rate=drop_path_rate,
+        )
+    from samkit.modeling.tiny_vit import TinyViT
+
+    return TinyViT(
+        img_size=cfg.image_size,
+        embed_dims=enc.embed_dims,
+        depths=enc.depths,
+        num_heads=enc.num_heads,
+        window_sizes=enc.window_sizes,
+        mlp_ratio=enc.mlp_ratio,
+        drop_path_rate=drop_path_rate,
+        out_chans=cfg.prompt_embed_dim,
+    )
+
+
+def build_sam_from_config(cfg: SamConfig, drop_path_rate: float = 0.0) -> Sam:
+    """A randomly initialised SAM for ``cfg`` (eval mode)."""
+    grid = cfg.embedding_size
+    model = Sam(
+        image_encoder=build_image_encoder(cfg, drop_path_rate),
+        prompt_encoder=PromptEncoder(
+            embed_dim=cfg.prompt_embed_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(cfg.image_size, cfg.image_size),
+            mask_in_chans=cfg.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            transformer_dim=cfg.prompt_embed_dim,
+            transformer=TwoWayTransformer(
+                depth=cfg.decoder_depth,
+                embedding_dim=cfg.prompt_embed_dim,
+                num_heads=cfg.decoder_num_heads,
+                mlp_dim=cfg.decoder_mlp_dim,
+            ),
+            num_multimask_outputs=cfg.num_multimask_outputs,
+        ),
+    )
+    return model.eval()
+
+
+def build_sam(
+    model: str | SamConfig = DEFAULT_MODEL,
+    checkpoint: str | Path | None = None,
+    *,
+    drop_path_rate: float = 0.0,
+    device: str | torch.device | None = None,
+) -> Sam:
+    """Build a SAM by registry name (``vit_b``, ``vit_l``, ``vit_h``, ``vit_t``,
+    ``samkit-tiny``) or config, optionally loading a checkpoint strictly.
+
+    Without ``checkpoint`` a model with bundled weights (``samkit-tiny``) loads them if the
+    package ships them; otherwise the weights are random (check :func:`is_trained`).
+    """
+    cfg = get_config(model) if isinstance(model, str) else model
+    name = model if isinstance(model, str) else "custom config"
+    sam = build_sam_from_config(cfg, drop_path_rate)
+    sam.samkit_trained = False  # type: ignore[attr-defined]
+    if checkpoint is None and cfg.bundled_weights:
+        bundled = BUNDLED_WEIGHTS_DIR / cfg.bundled_weights
+        checkpoint = bundled if bundled.is_file() else None
+    if checkpoint is not None:
+        state_dict = load_state_dict(checkpoint)
+        load_into(sam, state_dict, name, source=str(checkpoint))
+        sam.samkit_trained = True  # type: ignore[attr-defined]
+    return sam.to(device) if device is not None else sam
+
+
+def is_trained(model: Sam) -> bool:
+    """False for a randomly initialised model (its masks mean nothing)."""
+    return bool(getattr(model, "samkit_trained", False))
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely (safetensors, or torch pickle with weights_only=True).
+
+    Accepts a bare state dict or a training checkpoint holding one under ``"model"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SamkitError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise SamkitError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated, or not a checkpoint at all
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SamkitError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise SamkitError(f"checkpoint {path} does not hold a state dict of tensors")
+    return dict(obj)
+
+
+def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """Which registry model a state dict's keys and shapes belong to, if any."""
+    for name, cfg in MODEL_CONFIGS.items():
+        if name == DEFAULT_MODEL:
+            continue  # same layout as vit_t; told apart only by metadata
+        if _fits(state_dict, _reference_shapes(name)):
+            return name
+    return None
+
+
+def _reference_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape for a registry model, built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        model = build_sam_from_config(MODEL_CONFIGS[name])
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _fits(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> bool:
+    return state_dict.keys() == shapes.keys() and all(
+        tuple(state_dict[k].shape) == s for k, s in shapes.items()
+    )
+
+
+def load_into(model: Sam, state_dict: Mapping[str, torch.Tensor], name: str, source: str) -> None:
+    """Strictly load ``state_dict`` into ``model``; a mismatch is one clear line."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if not _fits(state_dict, expected):
+        guess = detect_model_type(state_dict)
+        if guess is not None:
+            raise SamkitError(
+                f"checkpoint {source} does not fit model {name!r}: it looks like a {guess!r} "
+                f"checkpoint (use --model {guess})"
+            )
+        missing = sorted(expected.keys() - state_dict.keys())
+        unexpected = sorted(state_dict.keys() - expected.keys())
+        wrong = [k for k in expected.keys() & state_dict.keys()
+                 if tuple(state_dict[k].shape) != expected[k]]
+        detail = "; ".join(
+            f"{label}: {len(keys)} (e.g. {keys[0]})"
+            for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                ("wrong shape", wrong))
+            if keys
+        )
+        raise SamkitError(
+            f"checkpoint {source} does not fit model {name!r} and matches no known model "
+            f"type ({detail})"
+        )
+    dtype = next(iter(model.state_dict().values())).dtype
+    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True)
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, *, half: bool = False) -> Path:
+    """Write the model's state dict as safetensors (optionally fp16 for shipping)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {
+        k: (v.half() if half and v.is_floating_point() else v).contiguous()
+        for k, v in model.state_dict().items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _registry_builder(name: str) -> Callable[..., Sam]:
+    def build(checkpoint: str | Path | None = None) -> Sam:
+        return build_sam(name, checkpoint)
+
+    return build
+
+
+# Drop-in for ``segment_anything.sam_model_registry[...](checkpoint=...)``.
+sam_model_registry: dict[str, Callable[..., Sam]] = {
+    name: _registry_builder(name) for name in MODEL_CONFIGS
+}
+sam_model_registry["default"] = sam_model_registry["vit_h"]

@@ -1,0 +1,262 @@
+"""Embed an image once, then answer many prompts fast (paper §3, "Efficiency").
+
+:class:`SamPredictor` is a drop-in for the official class (``set_image``, ``predict``,
+``predict_torch``, ``get_image_embedding``) and adds :meth:`SamPredictor.predict_batch`: many
+prompts (64 boxes, N point sets) for one image in a single decoder call, in original-image
+coordinates, plus :meth:`SamPredictor.set_image_batch` to embed several images at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from samkit.errors import SamkitError
+from samkit.images import ResizeLongestSide, to_rgb_uint8
+from samkit.modeling.sam import Sam
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+@dataclass
+class EmbeddedImage:
+    """What the decoder needs about one embedded image."""
+
+    features: torch.Tensor  # 1 x C x h x w image embedding
+    original_size: tuple[int, int]  # (H, W) of the user's image
+    input_size: tuple[int, int]  # (H, W) after resize-longest-side, before padding
+
+
+class SamPredictor:
+    """Computes image embeddings once and decodes prompts against them."""
+
+    def __init__(self, sam_model: Sam, encode_batch_size: int = 4) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_size)
+        self.encode_batch_size = encode_batch_size
+        self.images: list[EmbeddedImage] = []
+        self.reset_image()
+
+    # ------------------------------------------------------------------ embedding
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embed one ``H x W x C`` image (uint8 RGB; gray, RGBA, 16-bit, float are converted)."""
+        self.set_image_batch([image], image_format)
+
+    def set_image_batch(self, images: Sequence[np.ndarray], image_format: str = "RGB") -> None:
+        """Embed several images (encoder batches of ``encode_batch_size``); image 0 becomes
+        current, :meth:`select_image` switches."""
+        if image_format not in ("RGB", "BGR"):
+            raise SamkitError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if len(images) == 0:
+            raise SamkitError("set_image_batch needs at least one image")
+        tensors, sizes = [], []
+        for image in images:
+            rgb = to_rgb_uint8(image)
+            if image_format != self.model.image_format:
+                rgb = rgb[..., ::-1]
+            resized = self.transform.apply_image(np.ascontiguousarray(rgb))
+            tensors.append(torch.as_tensor(resized, device=self.device).permute(2, 0, 1))
+            sizes.append(rgb.shape[:2])
+        embedded: list[EmbeddedImage] = []
+        for start in range(0, len(tensors), self.encode_batch_size):
+            chunk = tensors[start : start + self.encode_batch_size]
+            features = self._encode([t.float() for t in chunk])
+            for offset, t in enumerate(chunk):
+                embedded.append(
+                    EmbeddedImage(
+                        features[offset : offset + 1],
+                        tuple(sizes[start + offset]),
+                        (t.shape[1], t.shape[2]),
+                    )
+                )
+        self._set_embedded(embedded)
+
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]) -> None:
+        """Official API: embed a ``1 x 3 x h x w`` image already resized (long side =
+        ``image_size``), given the ``(H, W)`` it had before resizing."""
+        if (
+            transformed_image.ndim != 4
+            or transformed_image.shape[:2] != (1, 3)
+            or max(transformed_image.shape[2:]) != self.model.image_size
+        ):
+            raise SamkitError(
+                f"set_torch_image expects 1x3xHxW with long side {self.model.image_size}, "
+                f"got {tuple(transformed_image.shape)}"
+            )
+        features = self._encode([transformed_image[0].float()])
+        input_size = (transformed_image.shape[2], transformed_image.shape[3])
+        self._set_embedded([EmbeddedImage(features, tuple(original_image_size), input_size)])
+
+    @torch.inference_mode()
+    def _encode(self, images: list[torch.Tensor]) -> torch.Tensor:
+        batch = torch.stack([self.model.preprocess(im) for im in images])
+        return self.model.image_encoder(batch)
+
+    def _set_embedded(self, embedded: list[EmbeddedImage]) -> None:
+        self.reset_image()
+        self.images = embedded
+        with torch.inference_mode():
+            self._dense_pe = self.model.prompt_encoder.get_dense_pe()
+        self.select_image(0)
+
+    def select_image(self, index: int) -> None:
+        """Make image ``index`` of the last :meth:`set_image_batch` the current one."""
+        if not 0 <= index < len(self.images):
+            raise SamkitError(f"image index {index} out of range (0..{len(self.images) - 1})")
+        current = self.images[index]
+        self.features = current.features
+        self.original_size = current.original_size
+        self.input_size = current.input_size
+        self.is_image_set = True
+
+    def reset_image(self) -> None:
+        self.images = []
+        self.is_image_set = False
+        self.features: torch.Tensor | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+        self._dense_pe: torch.Tensor | None = None
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image's embedding, ``1 x C x h x w`` (256 x 64 x 64 for SAM)."""
+        self._require_image()
+        assert self.features is not None
+        return self.features
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ------------------------------------------------------------------ prompting
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Official API: one prompt set in original-image pixels (XY points ``N x 2`` with
+        labels 1 = foreground, 0 = background; an XYXY ``box``; a ``1 x 256 x 256`` low-res
+        ``mask_input`` from a previous call).
+
+        Returns ``masks C x H x W`` (bool, or float logits with ``return_logits``),
+        ``scores C`` and ``low_res_logits C x 256 x 256`` as numpy arrays.
+        """
+        coords = None if point_coords is None else _as_tensor(point_coords)[None]
+        labels = None if point_labels is None else _as_tensor(point_labels)[None]
+        boxes = None if box is None else _as_tensor(box).reshape(1, -1)
+        masks_in = None if mask_input is None else _as_tensor(mask_input)[None]
+        masks, scores, low_res = self.predict_batch(
+            coords, labels, boxes, masks_in, multimask_output, return_logits
+        )
+        return masks[0].cpu().numpy(), scores[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    def predict_batch(
+        self,
+        point_coords: ArrayLike | None = None,
+        point_labels: ArrayLike | None = None,
+        boxes: ArrayLike | None = None,
+        mask_input: ArrayLike | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Many prompts for the current image in one decoder call, in original-image pixels.
+
+        Args:
+            point_coords: ``B x N x 2`` XY, with ``point_labels`` ``B x N`` (1 fg, 0 bg,
+                -1 padding for prompt sets of different lengths).
+            boxes: ``B x 4`` XYXY.
+            mask_input: ``B x 1 x 256 x 256`` low-res logits.
+
+        Returns torch tensors ``masks B x M x H x W``, ``scores B x M``,
+        ``low_res_logits B x M x 256 x 256``; M = 3 with ``multimask_output`` else 1.
+        """
+        self._require_image()
+        assert self.original_size is not None
+        coords = labels = box_t = masks_t = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise SamkitError("point_labels must be given with point_coords")
+            coords, labels = self._check_points(_as_tensor(point_coords), _as_tensor(point_labels))
+            coords = self.transform.apply_coords_torch(coords.to(self.device), self.original_size)
+            labels = labels.to(self.device, torch.int)
+        if boxes is not None:
+            box_t = self._check_boxes(_as_tensor(boxes))
+            box_t = self.transform.apply_boxes_torch(box_t.to(self.device), self.original_size)
+        if mask_input is not None:
+            masks_t = self._check_mask_input(_as_tensor(mask_input)).to(self.device, torch.float)
+        if coords is None and box_t is None and masks_t is None:
+            raise SamkitError("no prompt given: pass points, a box or a mask input")
+        return self.predict_torch(coords, labels, box_t, masks_t, multimask_output, return_logits)
+
+    @torch.inference_mode()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Official API: batched prompts already in the resized input frame (see
+        :meth:`predict_batch` for shapes)."""
+        self._require_image()
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        low_res, scores = self.model.mask_decoder(
+            self.features, self._dense_pe, sparse, dense, multimask_output
+        )
+        assert self.input_size is not None and self.original_size is not None
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, scores, low_res
+
+    # ------------------------------------------------------------------ validation
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+
+    @staticmethod
+    def _check_points(coords: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if coords.ndim != 3 or coords.shape[-1] != 2:
+            raise SamkitError(f"point coordinates must be B x N x 2, got {tuple(coords.shape)}")
+        if labels.shape != coords.shape[:2]:
+            raise SamkitError(
+                f"point labels must be B x N = {tuple(coords.shape[:2])}, got {tuple(labels.shape)}"
+            )
+        if not torch.isfinite(coords.float()).all():
+            raise SamkitError("point coordinates must be finite numbers")
+        if not torch.isin(labels.long(), torch.tensor([-1, 0, 1])).all():
+            raise SamkitError("point labels must be 1 (foreground), 0 (background) or -1 (padding)")
+        return coords.float(), labels
+
+    @staticmethod
+    def _check_boxes(boxes: torch.Tensor) -> torch.Tensor:
+        if boxes.ndim != 2 or boxes.shape[-1] != 4:
+            raise SamkitError(f"boxes must be B x 4 (x0, y0, x1, y1), got {tuple(boxes.shape)}")
+        boxes = boxes.float()
+        if not torch.isfinite(boxes).all():
+            raise SamkitError("box coordinates must be finite numbers")
+        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+            raise SamkitError("a box must have x1 >= x0 and y1 >= y0 (XYXY order)")
+        return boxes
+
+    def _check_mask_input(self, masks: torch.Tensor) -> torch.Tensor:
+        expected = self.model.prompt_encoder.mask_input_size
+        if masks.ndim != 4 or masks.shape[1] != 1 or tuple(masks.shape[2:]) != expected:
+            raise SamkitError(
+                f"mask_input must be B x 1 x {expected[0]} x {expected[1]} low-res logits, "
+                f"got {tuple(masks.shape)}"
+            )
+        return masks
+
+
+def _as_tensor(x: ArrayLike | Sequence[float]) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
