@@ -172,6 +172,7 @@ def build_sam(
         bundled = BUNDLED_WEIGHTS_DIR / cfg.bundled_weights
         checkpoint = bundled if bundled.is_file() else None
     if checkpoint is not None:
+        _check_image_size(checkpoint, cfg, name)
         state_dict = load_state_dict(checkpoint)
         load_into(sam, state_dict, name, source=str(checkpoint))
         sam.samkit_trained = True  # type: ignore[attr-defined]
@@ -181,6 +182,31 @@ def build_sam(
 def is_trained(model: Sam) -> bool:
     """False for a randomly initialised model (its masks mean nothing)."""
     return bool(getattr(model, "samkit_trained", False))
+
+
+def _check_image_size(path: str | Path, cfg: SamConfig, name: str) -> None:
+    """samkit checkpoints record their input size: TinyViT weights trained at 512 px have the
+    same keys and shapes as at 1024 px, so only this tells the two apart."""
+    recorded = checkpoint_metadata(path).get("image_size")
+    if recorded is not None and int(recorded) != cfg.image_size:
+        raise SamkitError(
+            f"checkpoint {path} was trained at image size {recorded}, but model {name!r} "
+            f"uses {cfg.image_size}; pick the model it was trained as"
+        )
+
+
+def checkpoint_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a samkit safetensors checkpoint ({} for other files)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # unreadable: load_state_dict reports it with a clear message
+        return {}
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -259,12 +285,16 @@ def load_into(model: Sam, state_dict: Mapping[str, torch.Tensor], name: str, sou
             f"checkpoint {source} does not fit model {name!r} and matches no known model "
             f"type ({detail})"
         )
-    dtype = next(iter(model.state_dict().values())).dtype
-    model.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, strict=True)
+    # fp16 shipped weights go back to each tensor's own dtype (BatchNorm counters stay int).
+    target = model.state_dict()
+    model.load_state_dict({k: v.to(target[k].dtype) for k, v in state_dict.items()}, strict=True)
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, *, half: bool = False) -> Path:
-    """Write the model's state dict as safetensors (optionally fp16 for shipping)."""
+def save_checkpoint(
+    model: Sam, path: str | Path, *, half: bool = False, metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write the model's state dict as safetensors (optionally fp16 for shipping), recording
+    its input size (and any extra string ``metadata``) in the header."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -274,7 +304,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, half: bool = False) -
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp))
+    header = {"format": "samkit", "image_size": str(model.image_size), **(metadata or {})}
+    save_file(tensors, str(tmp), metadata=header)
     tmp.replace(path)
     return path
 

@@ -57,3 +57,80 @@ def official_sam(encoder_depth: int, embed_dim: int, num_heads: int, global_attn
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def reference_nms(boxes, scores, iou_threshold: float):
+    """Plain greedy NMS, written for the tests as the oracle's stand-in for torchvision's.
+
+    Keeps boxes in descending score order, dropping any whose IoU with a kept box exceeds the
+    threshold; ties in score keep the lower index first (stable sort), like torchvision on CPU.
+    """
+    import torch
+
+    order = torch.sort(scores, descending=True, stable=True).indices
+    x0, y0, x1, y1 = boxes.unbind(1)
+    areas = (x1 - x0) * (y1 - y0)
+    keep: list[int] = []
+    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    for i in order.tolist():
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        w = (torch.minimum(x1[i], x1) - torch.maximum(x0[i], x0)).clamp(min=0)
+        h = (torch.minimum(y1[i], y1) - torch.maximum(y0[i], y0)).clamp(min=0)
+        inter = w * h
+        iou = inter / (areas[i] + areas - inter)
+        suppressed |= iou > iou_threshold
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def install_torchvision_stub() -> None:
+    """Give the official predictor / automatic generator the few torchvision functions they
+    import, since torchvision has no CPU build here.
+
+    * ``transforms.functional.resize`` / ``to_pil_image``: for a PIL input torchvision calls
+      ``PIL.Image.resize(..., BILINEAR)``, which is exactly what the stub does.
+    * ``ops.boxes.batched_nms`` / ``box_area``: :func:`reference_nms` per category (offset
+      trick as torchvision does it), a straightforward loop that is easy to check by eye.
+    """
+    if "torchvision" in sys.modules:
+        return
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    def resize(img, size):
+        return img.resize((size[1], size[0]), Image.BILINEAR)
+
+    def to_pil_image(arr):
+        return Image.fromarray(np.asarray(arr))
+
+    def box_area(boxes):
+        return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+    def batched_nms(boxes, scores, idxs, iou_threshold):
+        if boxes.numel() == 0:
+            return torch.empty(0, dtype=torch.long)
+        offsets = idxs.to(boxes) * (boxes.max() + 1)
+        return reference_nms(boxes + offsets[:, None], scores, iou_threshold)
+
+    tv = types.ModuleType("torchvision")
+    transforms = types.ModuleType("torchvision.transforms")
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.resize, functional.to_pil_image = resize, to_pil_image
+    ops = types.ModuleType("torchvision.ops")
+    boxes_mod = types.ModuleType("torchvision.ops.boxes")
+    boxes_mod.batched_nms, boxes_mod.box_area = batched_nms, box_area
+    ops.boxes, tv.ops, tv.transforms, transforms.functional = boxes_mod, ops, transforms, functional
+    sys.modules.update({
+        "torchvision": tv, "torchvision.transforms": transforms,
+        "torchvision.transforms.functional": functional, "torchvision.ops": ops,
+        "torchvision.ops.boxes": boxes_mod,
+    })
+
+
+def official_package() -> types.ModuleType:
+    """The whole official package (predictor, automatic generator) with the stub installed."""
+    install_torchvision_stub()
+    sys.modules.pop("segment_anything", None)  # drop the bare stand-in, import the real one
+    return importlib.import_module("segment_anything")

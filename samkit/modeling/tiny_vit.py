@@ -286,7 +286,8 @@ class TinyViT(nn.Module):
 
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0])
         # Stochastic depth grows linearly over all blocks, MBConv blocks included.
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n_blocks = sum(depths)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         self.layers = nn.ModuleList()
         for i in range(num_stages):
             rates = dpr[sum(depths[:i]) : sum(depths[: i + 1])]

@@ -1,0 +1,313 @@
+"""Mask utilities for segment-everything (paper App. B): point grids, crops, box maths,
+stability score, NMS, run-length encoding and small-region clean-up.
+
+Tensors stay on whatever device they arrive on; masks are ``... x H x W`` and boxes are XYXY
+pixel coordinates (``x1``/``y1`` inclusive for boxes computed from masks, as in the official
+code). Uncompressed RLEs follow the COCO convention: ``{"size": [H, W], "counts": [...]}``
+with runs over the column-major (Fortran-order) flattening, starting with a run of zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from itertools import product
+from typing import Any
+
+import numpy as np
+import torch
+
+from samkit.errors import SamkitError
+
+Rle = dict[str, Any]
+NmsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------- point grids, crops
+def build_point_grid(n_per_side: int) -> np.ndarray:
+    """``n^2 x 2`` (x, y) points at the centres of an ``n x n`` tiling of ``[0, 1]^2``,
+    row by row (x varies fastest)."""
+    offset = 1 / (2 * n_per_side)
+    ticks = np.linspace(offset, 1 - offset, n_per_side)
+    xs, ys = np.meshgrid(ticks, ticks)
+    return np.stack([xs.ravel(), ys.ravel()], axis=-1)
+
+
+def build_all_layer_point_grids(
+    n_per_side: int, n_layers: int, scale_per_layer: int
+) -> list[np.ndarray]:
+    """One grid per crop layer ``0..n_layers``; layer ``i`` has ``n_per_side / scale**i``
+    points per side (rounded down)."""
+    return [build_point_grid(int(n_per_side / scale_per_layer**i)) for i in range(n_layers + 1)]
+
+
+def generate_crop_boxes(
+    im_size: tuple[int, int], n_layers: int, overlap_ratio: float
+) -> tuple[list[list[int]], list[int]]:
+    """Crop boxes (XYXY ints) and their layer index: the whole image, then for layer
+    ``i >= 1`` a ``2^i x 2^i`` set of overlapping crops, column by column.
+
+    Neighbouring crops of layer ``i`` overlap by ``overlap_ratio * short_side * 2 / 2^i``
+    pixels (rounded down).
+    """
+    im_h, im_w = im_size
+    boxes, layers = [[0, 0, im_w, im_h]], [0]
+    for layer in range(1, n_layers + 1):
+        n_side = 2**layer
+        overlap = int(overlap_ratio * min(im_h, im_w) * 2 / n_side)
+        crop_w = math.ceil((overlap * (n_side - 1) + im_w) / n_side)
+        crop_h = math.ceil((overlap * (n_side - 1) + im_h) / n_side)
+        x0s = [int((crop_w - overlap) * i) for i in range(n_side)]
+        y0s = [int((crop_h - overlap) * i) for i in range(n_side)]
+        for x0, y0 in product(x0s, y0s):
+            boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
+            layers.append(layer)
+    return boxes, layers
+
+
+# ---------------------------------------------------------------------------- boxes
+def batched_mask_to_box(masks: torch.Tensor) -> torch.Tensor:
+    """Tight XYXY boxes (inclusive max corner) of ``... x H x W`` bool masks -> ``... x 4``
+    int64; an empty mask gives ``[0, 0, 0, 0]``."""
+    h, w = masks.shape[-2:]
+    rows = masks.any(dim=-1)  # ... x H
+    cols = masks.any(dim=-2)  # ... x W
+    y0, y1 = _first_last(rows, h)
+    x0, x1 = _first_last(cols, w)
+    boxes = torch.stack([x0, y0, x1, y1], dim=-1)
+    return boxes * rows.any(dim=-1, keepdim=True)
+
+
+def _first_last(occupied: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last True index along the last dim of ``... x n`` (garbage if none)."""
+    index = torch.arange(n, device=occupied.device)
+    first = torch.where(occupied, index, n).amin(dim=-1)
+    last = torch.where(occupied, index, -1).amax(dim=-1)
+    return first, last
+
+
+def box_xyxy_to_xywh(boxes: torch.Tensor) -> torch.Tensor:
+    """``... x 4`` XYXY -> XYWH (``w = x1 - x0``, as the official records report it)."""
+    return torch.cat([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], dim=-1)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """``N x 4`` XYXY -> ``N`` areas."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def is_box_near_crop_edge(
+    boxes: torch.Tensor, crop_box: Sequence[int], orig_box: Sequence[int], atol: float = 20.0
+) -> torch.Tensor:
+    """``N x 4`` boxes in crop coordinates -> ``N`` bool: some side lies within ``atol`` px of
+    a crop edge that is not also an edge of the original image (the mask was likely cut)."""
+    crop = torch.as_tensor(crop_box, dtype=torch.float, device=boxes.device)
+    orig = torch.as_tensor(orig_box, dtype=torch.float, device=boxes.device)
+    boxes = uncrop_boxes_xyxy(boxes, crop_box).float()
+    near_crop = (boxes - crop).abs() <= atol
+    near_image = (boxes - orig).abs() <= atol
+    return (near_crop & ~near_image).any(dim=-1)
+
+
+# ---------------------------------------------------------------------------- uncrop
+def uncrop_boxes_xyxy(boxes: torch.Tensor, crop_box: Sequence[int]) -> torch.Tensor:
+    """``... x 4`` XYXY boxes in a crop -> original-image coordinates."""
+    x0, y0 = crop_box[:2]
+    return boxes + boxes.new_tensor([x0, y0, x0, y0])
+
+
+def uncrop_points(points: torch.Tensor, crop_box: Sequence[int]) -> torch.Tensor:
+    """``... x 2`` (x, y) points in a crop -> original-image coordinates."""
+    x0, y0 = crop_box[:2]
+    return points + points.new_tensor([x0, y0])
+
+
+def uncrop_masks(
+    masks: torch.Tensor, crop_box: Sequence[int], orig_h: int, orig_w: int
+) -> torch.Tensor:
+    """``B x h x w`` masks of a crop -> ``B x orig_h x orig_w``, zero outside the crop."""
+    x0, y0, x1, y1 = crop_box
+    if (x0, y0, x1, y1) == (0, 0, orig_w, orig_h):
+        return masks
+    return torch.nn.functional.pad(masks, (x0, orig_w - x1, y0, orig_h - y1), value=0)
+
+
+# ---------------------------------------------------------------------------- scores
+def calculate_stability_score(
+    logits: torch.Tensor, mask_threshold: float, threshold_offset: float
+) -> torch.Tensor:
+    """IoU between the masks binarised at ``threshold ± offset`` for ``... x H x W`` logits
+    -> ``...`` float (NaN when both masks are empty).
+
+    The high-threshold mask lies inside the low-threshold one, so the IoU is a ratio of two
+    pixel counts; each count is taken in turn, so only one boolean mask exists at a time.
+    """
+    inner = _count_above(logits, mask_threshold + threshold_offset)
+    outer = _count_above(logits, mask_threshold - threshold_offset)
+    return inner / outer
+
+
+def _count_above(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    return (logits > threshold).flatten(-2).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------- NMS
+def batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """Greedy NMS per category (``torchvision.ops.batched_nms`` semantics).
+
+    ``boxes N x 4`` XYXY, ``scores N``, ``idxs N`` categories -> kept indices (int64) by
+    decreasing score, ties to the lower index. Uses torchvision when it is installed and
+    works, else :func:`greedy_batched_nms`.
+    """
+    tv_nms = _torchvision_batched_nms()
+    if tv_nms is not None:
+        return tv_nms(boxes, scores, idxs, iou_threshold)
+    return greedy_batched_nms(boxes, scores, idxs, iou_threshold)
+
+
+def greedy_batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """Plain-torch greedy NMS: same keep set and order as torchvision.
+
+    The pairwise "suppresses" matrix is computed at once on the boxes' device (IoU with the
+    same float arithmetic as torchvision); only the inherently sequential greedy pass runs
+    on the CPU, visiting boxes in score order.
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.long, device=boxes.device)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    boxes, idxs = boxes[order].float(), idxs[order]
+    overlaps = (pairwise_iou(boxes, boxes) > iou_threshold) & (idxs[:, None] == idxs[None, :])
+    # Only a box ranked earlier can suppress a later one.
+    suppresses = torch.triu(overlaps, diagonal=1).cpu().numpy()
+    removed = np.zeros(len(order), dtype=bool)
+    kept = []
+    for rank in range(len(order)):
+        if not removed[rank]:
+            kept.append(rank)
+            removed |= suppresses[rank]
+    return order[torch.as_tensor(kept, device=order.device)]
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``N x 4`` and ``M x 4`` XYXY boxes -> ``N x M`` IoU (NaN for two empty boxes)."""
+    w = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0]))
+    h = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1]))
+    inter = w.clamp(min=0) * h.clamp(min=0)
+    return inter / (box_area(a)[:, None] + box_area(b)[None, :] - inter)
+
+
+@functools.cache
+def _torchvision_batched_nms() -> NmsFn | None:
+    """torchvision's NMS if it imports and gives the right answer on a probe, else None
+    (a torchvision built for another torch imports but fails at call time)."""
+    try:
+        from torchvision.ops import batched_nms as tv_batched_nms
+
+        probe = tv_batched_nms(
+            torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]),
+            torch.tensor([0.9, 0.8, 0.7]),
+            torch.zeros(3, dtype=torch.long),
+            0.5,
+        )
+        return tv_batched_nms if probe.tolist() == [0, 2] else None
+    except Exception:  # not installed, or broken: fall back to ours
+        return None
+
+
+# ---------------------------------------------------------------------------- RLE
+def masks_to_rle(masks: torch.Tensor) -> list[Rle]:
+    """``B x H x W`` bool masks -> uncompressed COCO RLEs, for the whole batch at once.
+
+    Each mask is flattened column-major behind one virtual 0 pixel; the run starts are the
+    positions where a pixel differs from its predecessor, and the counts are the gaps
+    between consecutive starts (a mask starting with 1 thus begins with a 0-length run).
+    """
+    b, h, w = masks.shape
+    n = h * w
+    flat = masks.new_zeros(b, n + 1)
+    flat[:, 1:].view(b, w, h).copy_(masks.transpose(1, 2))
+    mask_idx, starts = (flat[:, 1:] != flat[:, :-1]).nonzero(as_tuple=True)
+    # Gap to the previous start of the same mask (or to 0 for its first start).
+    first = torch.ones_like(mask_idx, dtype=torch.bool)
+    first[1:] = mask_idx[1:] != mask_idx[:-1]
+    gaps = starts - torch.where(first, 0, starts.roll(1))
+    per_mask = torch.bincount(mask_idx, minlength=b)
+    last = torch.full((b,), 0, dtype=starts.dtype, device=starts.device)
+    last.scatter_reduce_(0, mask_idx, starts, reduce="amax")
+    tails = (n - last).tolist()  # the final run, up to the end of the mask
+    gap_lists = torch.split(gaps, per_mask.tolist())
+    return [
+        {"size": [h, w], "counts": g.tolist() + [tail]}
+        for g, tail in zip(gap_lists, tails)
+    ]
+
+
+def rle_to_mask(rle: Rle) -> np.ndarray:
+    """Uncompressed RLE -> ``H x W`` bool array."""
+    h, w = rle["size"]
+    counts = rle["counts"]
+    values = np.arange(len(counts)) % 2 == 1  # runs alternate 0, 1, 0, ...
+    mask = np.repeat(values, counts).reshape(w, h)  # column-major runs
+    return np.ascontiguousarray(mask.T)
+
+
+def area_from_rle(rle: Rle) -> int:
+    """Foreground pixel count of an uncompressed RLE (the odd runs)."""
+    return int(sum(rle["counts"][1::2]))
+
+
+def coco_encode_rle(uncompressed_rle: Rle) -> Rle:
+    """Uncompressed RLE -> compressed COCO RLE with ``counts`` as ``str`` (JSON-ready)."""
+    from pycocotools import mask as mask_utils
+
+    h, w = uncompressed_rle["size"]
+    rle = mask_utils.frPyObjects(uncompressed_rle, h, w)
+    rle["counts"] = rle["counts"].decode("utf-8")
+    return rle
+
+
+def masks_to_coco_rle(masks: np.ndarray) -> list[Rle]:
+    """``B x H x W`` bool masks -> compressed COCO RLEs (``counts`` as ``str``)."""
+    from pycocotools import mask as mask_utils
+
+    fortran = np.asfortranarray(np.moveaxis(masks, 0, -1).astype(np.uint8))
+    rles = mask_utils.encode(fortran)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("utf-8")
+    return rles
+
+
+# ---------------------------------------------------------------------------- clean-up
+def remove_small_regions(
+    mask: np.ndarray, area_thresh: float, mode: str
+) -> tuple[np.ndarray, bool]:
+    """Fill holes (``mode="holes"``) or drop islands (``"islands"``) smaller than
+    ``area_thresh`` pixels in an ``H x W`` bool mask (8-connectivity).
+
+    Returns the new mask and whether any small region was found. When every island is small
+    the largest one is kept, so a mask never vanishes.
+    """
+    import cv2
+
+    if mode not in ("holes", "islands"):
+        raise SamkitError(f"mode must be 'holes' or 'islands', got {mode!r}")
+    holes = mode == "holes"
+    regions = (mask != holes).astype(np.uint8)  # the background for holes, else the mask
+    n_labels, labels, stats, _ = cv2.connectedComponentsWithStats(regions, connectivity=8)
+    sizes = stats[1:, cv2.CC_STAT_AREA]  # label 0 is the complement of `regions`
+    small = sizes < area_thresh
+    if not small.any():
+        return mask, False
+    if holes:
+        # The mask itself (label 0) plus the small holes.
+        keep_label = np.concatenate([[True], small])
+    else:
+        keep_label = np.concatenate([[False], ~small])
+        if not keep_label.any():
+            keep_label[int(np.argmax(sizes)) + 1] = True
+    return keep_label[labels], True

@@ -1,0 +1,140 @@
+"""Checkpoint loading: official format round trips, safetensors, and one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from samkit import SamkitError, build_sam, is_trained, sam_model_registry
+from samkit.build import (
+    MODEL_CONFIGS,
+    build_sam_from_config,
+    checkpoint_metadata,
+    detect_model_type,
+    save_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def vit_t_pth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A random vit_t checkpoint written exactly like the official files: torch.save(state_dict)."""
+    torch.manual_seed(0)
+    state = build_sam_from_config(MODEL_CONFIGS["vit_t"]).state_dict()
+    path = tmp_path_factory.mktemp("ckpt") / "mobile_sam_random.pt"
+    torch.save(state, path)
+    return path, state
+
+
+def test_official_format_round_trips_strictly(vit_t_pth) -> None:
+    path, state = vit_t_pth
+    model = build_sam("vit_t", checkpoint=path)
+    assert is_trained(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_registry_drop_in(vit_t_pth) -> None:
+    path, state = vit_t_pth
+    model = sam_model_registry["vit_t"](checkpoint=path)
+    key = "mask_decoder.iou_token.weight"
+    assert torch.equal(model.state_dict()[key], state[key])
+
+
+def test_training_checkpoint_wrapping_is_unwrapped(tmp_path, vit_t_pth) -> None:
+    _, state = vit_t_pth
+    path = tmp_path / "train.pt"
+    torch.save({"model": state, "step": 3}, path)
+    build_sam("vit_t", checkpoint=path)
+
+
+def test_safetensors_round_trip_with_fp16_and_metadata(tmp_path) -> None:
+    model = build_sam("samkit-tiny")
+    path = save_checkpoint(model, tmp_path / "tiny.safetensors", half=True)
+    assert checkpoint_metadata(path)["image_size"] == "512"
+    loaded = build_sam("samkit-tiny", checkpoint=path)
+    for k, v in model.state_dict().items():
+        expected = v.half().float() if v.is_floating_point() else v
+        assert loaded.state_dict()[k].dtype == v.dtype
+        assert torch.equal(loaded.state_dict()[k], expected), k
+
+
+def test_image_size_mismatch_is_explained(tmp_path) -> None:
+    path = save_checkpoint(build_sam("samkit-tiny"), tmp_path / "tiny.safetensors")
+    with pytest.raises(SamkitError, match="trained at image size 512"):
+        build_sam("vit_t", checkpoint=path)
+
+
+def test_wrong_model_says_what_it_looks_like(vit_t_pth) -> None:
+    path, _ = vit_t_pth
+    with pytest.raises(SamkitError, match=r"looks like a 'vit_t' checkpoint \(use --model vit_t\)"):
+        build_sam("vit_b", checkpoint=path)
+
+
+def test_detects_every_official_layout() -> None:
+    for name in ("vit_b", "vit_l", "vit_h", "vit_t"):
+        with torch.device("meta"):
+            state = build_sam_from_config(MODEL_CONFIGS[name]).state_dict()
+        assert detect_model_type(state) == name
+
+
+def test_unknown_layout_lists_the_difference(tmp_path) -> None:
+    path = tmp_path / "other.pth"
+    torch.save({"backbone.weight": torch.zeros(3)}, path)
+    with pytest.raises(SamkitError) as err:
+        build_sam("vit_t", checkpoint=path)
+    message = str(err.value)
+    assert "matches no known model type" in message and "\n" not in message
+    assert "unexpected: 1 (e.g. backbone.weight)" in message
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty"),
+        (b"this is not a checkpoint at all" * 10, "cannot read checkpoint"),
+    ],
+)
+def test_corrupt_files_give_one_line(tmp_path, content: bytes, reason: str) -> None:
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(SamkitError, match=reason) as err:
+        build_sam("vit_t", checkpoint=path)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_checkpoint(tmp_path, vit_t_pth) -> None:
+    path, _ = vit_t_pth
+    data = path.read_bytes()
+    for suffix, cut in ((".pth", len(data) // 2), (".safetensors", 1000)):
+        truncated = tmp_path / f"cut{suffix}"
+        if suffix == ".safetensors":
+            full = save_checkpoint(build_sam("vit_t"), tmp_path / "full.safetensors")
+            truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+        else:
+            truncated.write_bytes(data[:cut])
+        with pytest.raises(SamkitError, match="cannot read checkpoint") as err:
+            build_sam("vit_t", checkpoint=truncated)
+        assert "\n" not in str(err.value)
+
+
+def test_pickled_code_is_refused(tmp_path) -> None:
+    """weights_only=True: a checkpoint that would run code on load is rejected, not executed."""
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "hook": Path("/")}, path)
+    with pytest.raises(SamkitError, match="cannot read checkpoint"):
+        build_sam("vit_t", checkpoint=path)
+
+
+def test_missing_checkpoint_and_unknown_model(tmp_path) -> None:
+    with pytest.raises(SamkitError, match="checkpoint not found"):
+        build_sam("vit_t", checkpoint=tmp_path / "nope.pth")
+    with pytest.raises(SamkitError, match="unknown model 'vit_x'"):
+        build_sam("vit_x")
+
+
+def test_untrained_default_is_flagged() -> None:
+    model = build_sam()  # samkit-tiny; weights bundled only once trained
+    bundled = Path(__file__).resolve().parents[1] / "samkit" / "weights" / "samkit_tiny.safetensors"
+    assert is_trained(model) == bundled.is_file()
