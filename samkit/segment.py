@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -236,10 +237,15 @@ def resolve_device(name: str | None) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``; ``None`` picks CUDA when it is available."""
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:")):
-        raise SamkitError(f"unknown --device {name!r}; use cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", name)
+    if match is None:
+        raise SamkitError(f"unknown --device {name!r}; use cpu, cuda or cuda:N")
+    if name == "cpu":
+        return name
+    if not torch.cuda.is_available():
         raise SamkitError(f"--device {name} requested but CUDA is not available here")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise SamkitError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     return name
 
 

@@ -89,16 +89,19 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1
         )
-        # Broadcasting the shared embedding avoids an explicit per-prompt copy before the add.
+        # With no mask prompt the dense embedding is one vector broadcast (stride 0) over the
+        # batch, so the image side is the same for every prompt: keep it at batch 1 and let the
+        # transformer run the shared work once (it diverges per prompt only after the first
+        # image-to-token attention).
+        if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
+            dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings
-        if src.shape[0] != batch:
-            src = src.expand(batch, -1, -1, -1)
-        b, c, h, w = src.shape
+        _, c, h, w = src.shape
         hs, src = self.transformer(src, image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, c, h, w))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,15 +66,15 @@ class Sam(nn.Module):
     ) -> torch.Tensor:
         """Low-res logits ``B x M x h x w`` -> logits at the original image size.
 
-        Upscale to the padded input, drop the padding, then resize to the original size:
-        the same two bilinear steps as the official model, so results match it.
+        The official model upscales to the padded input, drops the padding, then resizes to
+        the original size: two bilinear steps, both linear and separable. Here they are folded
+        into one row operator and one column operator (``rows @ masks @ cols``), which gives
+        the same values without the ``image_size``-square intermediate.
         """
-        masks = F.interpolate(
-            masks, (self.image_size, self.image_size), mode="bilinear", align_corners=False
+        rows, cols = postprocess_operators(
+            masks.shape[-2:], self.image_size, input_size, original_size, masks.device
         )
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
-
+        return rows.to(masks.dtype) @ masks @ cols.to(masks.dtype)
     def forward(
         self, batched_input: list[dict[str, Any]], multimask_output: bool
     ) -> list[dict[str, torch.Tensor]]:
@@ -108,3 +109,33 @@ class Sam(nn.Module):
                 }
             )
         return outputs
+
+
+@functools.lru_cache(maxsize=32)
+def postprocess_operators(
+    low_res_size: tuple[int, int],
+    image_size: int,
+    input_size: tuple[int, int],
+    original_size: tuple[int, int],
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matrices ``R (H x h)`` and ``C (w x W)`` with ``R @ m @ C`` equal to the official
+    upscale -> crop -> resize of a low-res ``h x w`` mask ``m`` to the original ``H x W``."""
+    rows = _resize_matrix(original_size[0], input_size[0]) @ _resize_matrix(image_size, low_res_size[0])[: input_size[0]]
+    cols = _resize_matrix(original_size[1], input_size[1]) @ _resize_matrix(image_size, low_res_size[1])[: input_size[1]]
+    return rows.float().to(device), cols.T.float().to(device)
+
+
+def _resize_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """``out x in`` matrix of 1-D bilinear resampling exactly as ``F.interpolate`` builds it
+    (``align_corners=False``: half-pixel centres, source index clamped at 0; positions and
+    weights in float32 like the CPU/GPU kernels, so the weights match theirs bit for bit)."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    lo = src.long().clamp(max=in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    frac = (src - lo).clamp(0, 1).double()
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    matrix[torch.arange(out_size), lo] += 1 - frac
+    matrix[torch.arange(out_size), hi] += frac
+    return matrix

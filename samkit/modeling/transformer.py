@@ -45,8 +45,12 @@ class TwoWayTransformer(nn.Module):
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
+        The image side may have batch 1 while the tokens have batch B (one image, many
+        prompts): attention broadcasts, so shared work runs once until the image tokens first
+        depend on the prompt.
+
         Args:
-            image_embedding: ``B x C x H x W``.
+            image_embedding: ``B x C x H x W`` or ``1 x C x H x W``.
             image_pe: positional encoding, ``B x C x H x W`` or ``1 x C x H x W``.
             point_embedding: ``B x N x C`` output + prompt tokens (also their PE).
 
@@ -136,7 +140,7 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``q: B x Nq x C``, ``k, v: B x Nk x C`` -> ``B x Nq x C``."""
+        """``q: B x Nq x C``, ``k, v: B x Nk x C`` -> ``B x Nq x C`` (batch dims broadcast)."""
         q = self._split_heads(self.q_proj(q))
         k = self._split_heads(self.k_proj(k))
         v = self._split_heads(self.v_proj(v))
