@@ -245,10 +245,7 @@ class AutomaticMaskGenerator:
         coords_t = torch.as_tensor(coords, dtype=dtype, device=predictor.device)[:, None]
         labels = torch.ones(len(points), 1, dtype=torch.int, device=predictor.device)
         sparse, dense = model.prompt_encoder(points=(coords_t, labels), boxes=None, masks=None)
-        low_res, iou_preds = model.mask_decoder(
-            predictor.get_image_embedding(), model.prompt_encoder.get_dense_pe(),
-            sparse, dense, True,
-        )
+        low_res, iou_preds = predictor.decode(sparse, dense, True, shared_dense=True)
         return low_res.flatten(0, 1), iou_preds.flatten(0, 1)
 
     def _reduce_chunk(

@@ -17,6 +17,7 @@ import torch
 from samkit.errors import SamkitError
 from samkit.images import ResizeLongestSide, to_rgb_uint8
 from samkit.modeling.sam import Sam
+from samkit.modeling.transformer import ImageProjections
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -28,6 +29,8 @@ class EmbeddedImage:
     features: torch.Tensor  # 1 x C x h x w image embedding
     original_size: tuple[int, int]  # (H, W) of the user's image
     input_size: tuple[int, int]  # (H, W) after resize-longest-side, before padding
+    # The decoder's first-layer work for prompts without a mask input, computed on first use.
+    no_mask_projections: ImageProjections | None = None
 
 
 class SamPredictor:
@@ -107,6 +110,7 @@ class SamPredictor:
         if not 0 <= index < len(self.images):
             raise SamkitError(f"image index {index} out of range (0..{len(self.images) - 1})")
         current = self.images[index]
+        self._current = current
         self.features = current.features
         self.original_size = current.original_size
         self.input_size = current.input_size
@@ -119,6 +123,7 @@ class SamPredictor:
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
         self._dense_pe: torch.Tensor | None = None
+        self._current: EmbeddedImage | None = None
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding, ``1 x C x h x w`` (256 x 64 x 64 for SAM)."""
@@ -209,14 +214,38 @@ class SamPredictor:
         self._require_image()
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, scores = self.model.mask_decoder(
-            self.features, self._dense_pe, sparse, dense, multimask_output
-        )
+        low_res, scores = self.decode(sparse, dense, multimask_output, shared_dense=mask_input is None)
         assert self.input_size is not None and self.original_size is not None
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, scores, low_res
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        sparse: torch.Tensor,
+        dense: torch.Tensor,
+        multimask_output: bool,
+        shared_dense: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask decoder on encoded prompts for the current image: low-res logits and IoU.
+
+        ``shared_dense``: the dense prompt is the "no mask" embedding (no mask input), so the
+        first layer's image-side projections are the same for every prompt of this image;
+        they are computed once and reused by every later call.
+        """
+        self._require_image()
+        decoder = self.model.mask_decoder
+        projections = None
+        if shared_dense:
+            assert self._current is not None
+            if self._current.no_mask_projections is None:
+                self._current.no_mask_projections = decoder.image_projections(
+                    self._current.features, self._dense_pe, dense
+                )
+            projections = self._current.no_mask_projections
+        return decoder(self.features, self._dense_pe, sparse, dense, multimask_output, projections)
 
     # ------------------------------------------------------------------ validation
     def _require_image(self) -> None:

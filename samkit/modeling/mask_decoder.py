@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from samkit.modeling.common import MLP, LayerNorm2d
-from samkit.modeling.transformer import TwoWayTransformer
+from samkit.modeling.transformer import ImageProjections, TwoWayTransformer
 
 
 class MaskDecoder(nn.Module):
@@ -57,6 +57,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        first_layer_proj: ImageProjections | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -66,15 +67,26 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings: ``B x N x C``.
             dense_prompt_embeddings: ``B x C x H x W``.
             multimask_output: return the 3 ambiguity masks (tokens 1..3) instead of token 0.
+            first_layer_proj: from :meth:`image_projections` for this image and a shared dense
+                prompt (no mask input), to skip recomputing prompt-independent work.
 
         Returns:
             mask logits ``B x M x 4H x 4W`` and IoU predictions ``B x M``, M = 3 or 1.
         """
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+            first_layer_proj,
         )
         selected = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, selected], iou_pred[:, selected]
+
+    def image_projections(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt: torch.Tensor
+    ) -> ImageProjections:
+        """Prompt-independent first-layer work for one image (``1 x C x H x W``) under a dense
+        prompt shared by all prompts (the "no mask" embedding): compute once, pass to
+        :meth:`forward` for each prompt batch."""
+        return self.transformer.first_layer_projections(image_embeddings + dense_prompt[:1], image_pe)
 
     def predict_masks(
         self,
@@ -82,6 +94,7 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        first_layer_proj: ImageProjections | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks and IoU scores (see :meth:`forward`)."""
         batch = sparse_prompt_embeddings.shape[0]
@@ -97,7 +110,7 @@ class MaskDecoder(nn.Module):
             dense_prompt_embeddings = dense_prompt_embeddings[:1]
         src = image_embeddings + dense_prompt_embeddings
         _, c, h, w = src.shape
-        hs, src = self.transformer(src, image_pe, tokens)
+        hs, src = self.transformer(src, image_pe, tokens, first_layer_proj)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 

@@ -7,11 +7,21 @@ channel-downsampled space (256 -> 128) to stay cheap on the 4096 image tokens.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from samkit.modeling.common import MLPBlock
+
+
+class ImageProjections(NamedTuple):
+    """Projections of the image tokens used by one two-way block (``B x HW x C/2`` each)."""
+
+    token_to_image_k: torch.Tensor
+    token_to_image_v: torch.Tensor
+    image_to_token_q: torch.Tensor
 
 
 class TwoWayTransformer(nn.Module):
@@ -41,8 +51,21 @@ class TwoWayTransformer(nn.Module):
         )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
+    def first_layer_projections(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor
+    ) -> ImageProjections:
+        """Prompt-independent work of the first layer for ``image_embedding`` (``1 x C x H x W``,
+        already summed with a shared dense prompt), to pass to :meth:`forward` for every
+        prompt of that image."""
+        keys = image_embedding.flatten(2).transpose(1, 2)
+        return self.layers[0].image_projections(keys, image_pe.flatten(2).transpose(1, 2))
+
     def forward(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
+        self,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        first_layer_proj: ImageProjections | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         The image side may have batch 1 while the tokens have batch B (one image, many
@@ -53,6 +76,7 @@ class TwoWayTransformer(nn.Module):
             image_embedding: ``B x C x H x W`` or ``1 x C x H x W``.
             image_pe: positional encoding, ``B x C x H x W`` or ``1 x C x H x W``.
             point_embedding: ``B x N x C`` output + prompt tokens (also their PE).
+            first_layer_proj: :meth:`first_layer_projections` of this image, if cached.
 
         Returns:
             tokens ``B x N x C`` and image tokens ``B x HW x C``.
@@ -60,8 +84,9 @@ class TwoWayTransformer(nn.Module):
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe)
+        for i, layer in enumerate(self.layers):
+            proj = first_layer_proj if i == 0 else None
+            queries, keys = layer(queries, keys, point_embedding, key_pe, proj)
         attn_out = self.final_attn_token_to_image(
             q=queries + point_embedding, k=keys + key_pe, v=keys
         )
@@ -96,12 +121,24 @@ class TwoWayAttentionBlock(nn.Module):
         # would double-count it.
         self.skip_first_layer_pe = skip_first_layer_pe
 
+    def image_projections(self, keys: torch.Tensor, key_pe: torch.Tensor) -> ImageProjections:
+        """The block's projections of the image tokens. They depend on the image only, so for
+        the first block (whose image tokens no prompt has touched yet) they can be computed
+        once per image and reused for every prompt."""
+        k = keys + key_pe
+        return ImageProjections(
+            token_to_image_k=self.cross_attn_token_to_image.k_proj(k),
+            token_to_image_v=self.cross_attn_token_to_image.v_proj(keys),
+            image_to_token_q=self.cross_attn_image_to_token.q_proj(k),
+        )
+
     def forward(
         self,
         queries: torch.Tensor,
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
+        image_proj: ImageProjections | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
@@ -110,14 +147,20 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q=q, k=q, v=queries)
         queries = self.norm1(queries)
 
-        k = keys + key_pe
-        q = queries + query_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
+        if image_proj is None:
+            image_proj = self.image_projections(keys, key_pe)
+        to_image = self.cross_attn_token_to_image
+        q = to_image.q_proj(queries + query_pe)
+        queries = self.norm2(
+            queries + to_image.attend(q, image_proj.token_to_image_k, image_proj.token_to_image_v)
+        )
 
         queries = self.norm3(queries + self.mlp(queries))
 
+        to_token = self.cross_attn_image_to_token
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        attn_out = to_token.attend(image_proj.image_to_token_q, to_token.k_proj(q), to_token.v_proj(queries))
+        keys = self.norm4(keys + attn_out)
         return queries, keys
 
 
@@ -141,9 +184,12 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``q: B x Nq x C``, ``k, v: B x Nk x C`` -> ``B x Nq x C`` (batch dims broadcast)."""
-        q = self._split_heads(self.q_proj(q))
-        k = self._split_heads(self.k_proj(k))
-        v = self._split_heads(self.v_proj(v))
+        return self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention on already projected ``q, k, v`` (``B x N x internal_dim``), so callers
+        can reuse projections that do not change between calls."""
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
         out = F.scaled_dot_product_attention(q, k, v)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))
