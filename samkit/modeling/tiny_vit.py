@@ -19,9 +19,6 @@ from torch import nn
 
 from samkit.modeling.common import DropPath, LayerNorm2d
 
-# MobileSAM decides the patch-merging stride from the merge's output width: the final widths of
-# the released TinyViT variants (5M, 11M, 21M) get stride 1, everything else stride 2.
-_STRIDE_ONE_DIMS = (320, 448, 576)
 # The unused ImageNet classifier is kept only so the checkpoint's keys load strictly.
 _IMAGENET_CLASSES = 1000
 
@@ -92,9 +89,8 @@ class MBConv(nn.Module):
 class PatchMerging(nn.Module):
     """Conv downsample ``B x C x H x W -> B x C' x ceil(H/s) x ceil(W/s)`` (``s`` = 1 or 2)."""
 
-    def __init__(self, dim: int, out_dim: int) -> None:
+    def __init__(self, dim: int, out_dim: int, stride: int) -> None:
         super().__init__()
-        stride = 1 if out_dim in _STRIDE_ONE_DIMS else 2
         self.act = nn.GELU()
         self.conv1 = Conv2dBN(dim, out_dim)
         self.conv2 = Conv2dBN(out_dim, out_dim, 3, stride=stride, padding=1, groups=out_dim)
@@ -115,11 +111,12 @@ class ConvLayer(nn.Module):
         depth: int,
         drop_path: Sequence[float],
         out_dim: int | None,
+        merge_stride: int = 2,
         expand_ratio: float = 4.0,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(MBConv(dim, expand_ratio, drop_path[i]) for i in range(depth))
-        self.downsample = PatchMerging(dim, out_dim) if out_dim is not None else None
+        self.downsample = PatchMerging(dim, out_dim, merge_stride) if out_dim is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
@@ -242,12 +239,13 @@ class BasicLayer(nn.Module):
         mlp_ratio: float,
         drop_path: Sequence[float],
         out_dim: int | None,
+        merge_stride: int = 2,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             TinyViTBlock(dim, num_heads, window_size, mlp_ratio, drop_path[i]) for i in range(depth)
         )
-        self.downsample = PatchMerging(dim, out_dim) if out_dim is not None else None
+        self.downsample = PatchMerging(dim, out_dim, merge_stride) if out_dim is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)  # attention and MLP want channels last
@@ -292,8 +290,11 @@ class TinyViT(nn.Module):
         for i in range(num_stages):
             rates = dpr[sum(depths[:i]) : sum(depths[: i + 1])]
             out_dim = embed_dims[i + 1] if i + 1 < num_stages else None
+            # The merge into the last stage keeps the resolution, so the embedding is S/16
+            # (MobileSAM keys this on the widths of the released variants; same result).
+            merge_stride = 1 if i + 2 == num_stages else 2
             if i == 0:
-                layer: nn.Module = ConvLayer(embed_dims[0], depths[0], rates, out_dim)
+                layer: nn.Module = ConvLayer(embed_dims[0], depths[0], rates, out_dim, merge_stride)
             else:
                 layer = BasicLayer(
                     embed_dims[i],
@@ -303,6 +304,7 @@ class TinyViT(nn.Module):
                     mlp_ratio,
                     rates,
                     out_dim,
+                    merge_stride,
                 )
             self.layers.append(layer)
 

@@ -1,0 +1,115 @@
+"""Who may talk to the annotation server.
+
+* Bound to loopback (the default) with no token: only requests addressed to a loopback name
+  (``Host: 127.0.0.1:PORT``, ``localhost``, ``[::1]``) are served, so a web page elsewhere
+  cannot reach the server through DNS rebinding.
+* Bound to any other address, a token is required (``samkit annotate`` generates and prints one
+  if none is given) and checked on every request: the ``X-Samkit-Token`` header, an
+  ``Authorization: Bearer`` header, or the ``samkit_token`` cookie that visiting
+  ``/?token=T`` sets (HttpOnly, SameSite=Strict) before redirecting to ``/``.
+* Either way, a state-changing request whose ``Origin`` is not the server itself is refused
+  (no cross-site form posts).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from urllib.parse import urlsplit
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from samkit.errors import SamkitError
+
+TOKEN_COOKIE = "samkit_token"
+TOKEN_HEADER = "x-samkit-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_token(host: str, token: str | None) -> tuple[str | None, bool]:
+    """The token the server will require (None: none) and whether it was generated here."""
+    if token is not None:
+        if len(token) < 16:
+            raise SamkitError("--token must be at least 16 characters (or leave it out and "
+                              "one is generated)")
+        return token, False
+    if is_loopback(host):
+        return None, False
+    return secrets.token_urlsafe(24), True
+
+
+class AccessMiddleware:
+    """Pure ASGI middleware (no per-request task or body buffering: decode latency matters)."""
+
+    def __init__(self, app: ASGIApp, token: str | None) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            denial = self.check(Request(scope))
+            if denial is not None:
+                await denial(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, request: Request) -> Response | None:
+        """None when ``request`` may proceed, else the response that refuses it."""
+        host = request.headers.get("host", "")
+        if self.token is None:
+            hostname = urlsplit(f"//{host}").hostname or ""
+            if not is_loopback(hostname):
+                return _deny(403, f"this server only answers requests addressed to 127.0.0.1 "
+                                  f"or localhost, not {host!r}")
+        else:
+            given = request.query_params.get("token") if request.url.path == "/" else None
+            if given is not None:
+                return self._login(given)
+            if not self._valid(_supplied_token(request)):
+                return _deny(401, "access token required: open the URL `samkit annotate` "
+                                  "printed (ending in /?token=...) or send the X-Samkit-Token "
+                                  "header")
+        if request.method not in SAFE_METHODS:
+            origin = request.headers.get("origin")
+            if origin is not None and urlsplit(origin).netloc != host:
+                return _deny(403, f"cross-origin request from {origin!r} refused")
+        return None
+
+    def _valid(self, supplied: str | None) -> bool:
+        assert self.token is not None
+        return supplied is not None and secrets.compare_digest(supplied.encode(),
+                                                               self.token.encode())
+
+    def _login(self, given: str) -> Response:
+        """``/?token=T``: set the cookie and drop the token from the address bar."""
+        if not self._valid(given):
+            return _deny(401, "wrong access token")
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(TOKEN_COOKIE, given, httponly=True, samesite="strict")
+        return response
+
+
+def _supplied_token(request: Request) -> str | None:
+    header = request.headers.get(TOKEN_HEADER)
+    if header:
+        return header
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials:
+        return credentials
+    return request.cookies.get(TOKEN_COOKIE)
+
+
+def _deny(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)

@@ -1,0 +1,198 @@
+"""``TrainConfig``: every knob of a training run in one flat, typed dataclass.
+
+A run is described by a YAML file whose keys are the field names below (see ``configs/``),
+then adjusted on the command line with ``--set key=value`` (values are parsed as YAML, so
+``--set lr=1e-4``, ``--set scale_range=[0.5,1.5]`` and ``--set amp=false`` all work;
+``model_overrides.<field>`` and ``model_overrides.encoder.<field>`` reach into the model).
+
+Relative paths (data sources, ``init_checkpoint``, ``out_dir``) are relative to the working
+directory, like any command-line tool's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from samkit.build import SamConfig, get_config
+from samkit.errors import SamkitError
+
+FINETUNE_MODES = ("full", "frozen_encoder")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Defaults are the paper's (App. A) where it gives one."""
+
+    # --- model
+    model: str = "samkit-tiny"  # registry name in samkit.build.MODEL_CONFIGS
+    # SamConfig fields to change, e.g. {image_size: 256, encoder: {depths: [1, 1, 1, 1]}}
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    # Weights to start from: an official .pth, a samkit .safetensors or training checkpoint,
+    # or "official" for the verified official download of `model` (samkit weights fetch).
+    init_checkpoint: str | None = None
+    finetune: str = "full"  # full | frozen_encoder (train only prompt encoder + decoder)
+    drop_path: float = 0.1  # stochastic depth of the image encoder (paper: 0.4 for ViT-H)
+    grad_checkpointing: bool = False  # ViT encoders only: recompute blocks in backward
+
+    # --- data
+    data: list[str] = field(default_factory=list)  # sources, see samkit.train.data.open_source
+    batch_size: int = 2  # images per process (paper: 256 in total over 256 GPUs)
+    max_masks_per_image: int = 64  # masks sampled per image per step (paper: 64 per GPU)
+    min_mask_area: int = 16  # px at the model input size; smaller masks are dropped
+    max_mask_fraction: float = 0.9  # masks covering more of the image are dropped
+    scale_range: tuple[float, float] = (0.1, 2.0)  # large-scale jitter; (1, 1) turns it off
+    hflip: bool = True
+    copy_paste: bool = False  # paste instances from another image (Ghiasi et al. 2021)
+    num_workers: int = 2
+
+    # --- optimisation (paper App. A)
+    iterations: int = 90_000  # length of the lr schedule
+    lr: float = 8e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup: int = 250
+    decay_fractions: tuple[float, ...] = (60_000 / 90_000, 86_666 / 90_000)  # lr / 10 at each
+    layer_decay: float = 0.8  # layer-wise lr decay of the image encoder; 1.0 turns it off
+    clip_grad: float = 0.0  # max global grad norm; 0 = no clipping
+    amp: bool = True  # bf16 autocast, on CUDA only
+
+    # --- run
+    seed: int = 0
+    out_dir: str = "runs/samkit-tiny"
+    max_steps: int | None = None  # stop early (the lr schedule still spans `iterations`)
+    log_interval: int = 10
+    ckpt_interval: int = 1000
+    resume: bool = False  # continue from out_dir/checkpoint.pt when it exists
+    export_fp16: bool = False  # write the final model.safetensors in fp16
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def stop_step(self) -> int:
+        return self.iterations if self.max_steps is None else min(self.max_steps, self.iterations)
+
+    def validate(self) -> None:
+        """Raise a one-line :class:`SamkitError` for values that cannot work."""
+        if self.finetune not in FINETUNE_MODES:
+            raise SamkitError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        for name in ("batch_size", "max_masks_per_image", "iterations", "log_interval",
+                     "ckpt_interval"):
+            if getattr(self, name) < 1:
+                raise SamkitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise SamkitError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        if not 0 < self.layer_decay <= 1:
+            raise SamkitError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise SamkitError(f"max_steps must be >= 1, got {self.max_steps}")
+
+    def model_config(self) -> SamConfig:
+        """The registry config of ``model`` with ``model_overrides`` applied."""
+        base = get_config(self.model)
+        overrides = dict(self.model_overrides)
+        encoder_overrides = overrides.pop("encoder", None) or {}
+        try:
+            encoder = dataclasses.replace(base.encoder, **_tuples(encoder_overrides))
+            # Trained weights are this run's output, never the bundled file.
+            return dataclasses.replace(
+                base, encoder=encoder, bundled_weights=None, **_tuples(overrides)
+            )
+        except TypeError as err:
+            raise SamkitError(f"bad model_overrides: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able values (tuples become lists)."""
+        return yaml.safe_load(yaml.safe_dump(_listify(dataclasses.asdict(self))))
+
+
+def _tuples(values: dict[str, Any]) -> dict[str, Any]:
+    """YAML lists -> tuples, as the frozen model config dataclasses expect."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _listify(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _listify(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_listify(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Build a config from an optional YAML file and ``key=value`` overrides (applied in order)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SamkitError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise SamkitError(f"config {path} must be a mapping of field: value")
+        values.update(loaded)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SamkitError(f"--set expects key=value, got {item!r}")
+        _set_dotted(values, key.strip(), yaml.safe_load(raw))
+    return from_dict(values)
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Validate keys and coerce YAML values to the field types (int -> float, list -> tuple)."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise SamkitError(
+            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(hints)}"
+        )
+    return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    """``a.b.c=v`` sets ``values[a][b][c]`` (creating the dicts on the way)."""
+    *parents, leaf = key.split(".")
+    node = values
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SamkitError(f"cannot set {key!r}: {part!r} is not a mapping")
+    node[leaf] = value
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Make a YAML value fit the annotation ``hint`` or raise a clear error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None and type(None) in args:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    # YAML reads `2e-4` (no dot) as a string: accept it for float fields.
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        item = args[0]
+        return tuple(float(v) if item is float else v for v in value)
+    if origin is list and isinstance(value, str):
+        return [value]  # `--set data=path` for a single source
+    expected = origin or hint
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise SamkitError(f"config key {key!r} expects {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))

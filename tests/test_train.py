@@ -1,0 +1,193 @@
+"""End-to-end training with tiny models on synthetic shapes: overfitting, exact resume
+(in-process and after ``kill -9``), torchrun/DDP equivalence, the CLI, export."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from samkit.build import build_sam_from_config, load_state_dict
+from samkit.cli import main as samkit_main
+from samkit.train.config import TrainConfig, load_config
+from samkit.train.data import AugmentConfig, TrainDataset, collate, open_source
+from samkit.train.loop import read_metrics, train
+from samkit.train.step import TrainStep
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 128
+TINY_DECODER = {"image_size": SIZE, "prompt_embed_dim": 64, "decoder_num_heads": 2,
+                "decoder_mlp_dim": 128}
+# TinyViT needs its last width in (320, 448, 576) for the stride-16 embedding grid.
+TINY_VIT = {"model": "samkit-tiny", "model_overrides": TINY_DECODER | {"encoder": {
+    "embed_dims": [16, 32, 48, 320], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4],
+    "window_sizes": [2, 2, 4, 2]}}}
+# LayerNorm only (TinyViT's BatchNorm would see per-process batches under DDP).
+TINY_PLAIN_VIT = {"model": "vit_b", "model_overrides": TINY_DECODER | {"encoder": {
+    "embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "window_size": 4}}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models are all overhead: extra threads only add contention on a shared box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 images (96 x 128, so the input has padding) with one coloured shape each."""
+    root = tmp_path_factory.mktemp("shapes")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    h, w = 96, 128
+    yy, xx = np.mgrid[:h, :w]
+    for i in range(4):
+        image = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+        if i % 2 == 0:
+            cy, cx = rng.integers(28, h - 28), rng.integers(28, w - 28)
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < 25**2
+        else:
+            y0, x0 = rng.integers(0, h - 32), rng.integers(0, w - 64)
+            mask = (yy >= y0) & (yy < y0 + 32) & (xx >= x0) & (xx < x0 + 64)
+        image[mask] = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 210, 40)][i]
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"{i}.png")
+    return root
+
+
+def run_config(data: Path, out: Path, **fields) -> TrainConfig:
+    values = TINY_VIT | {
+        "data": [str(data)], "out_dir": str(out), "batch_size": 2, "iterations": 8,
+        "lr": 2e-3, "warmup": 2, "layer_decay": 0.8, "drop_path": 0.1, "num_workers": 0,
+        "log_interval": 1, "ckpt_interval": 100, "progress": False, "max_mask_fraction": 0.95,
+    }
+    return TrainConfig(**(values | fields))
+
+
+def write_yaml(cfg: TrainConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def subprocess_env() -> dict[str, str]:
+    return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def test_tiny_model_overfits_four_images(shapes: Path, tmp_path: Path) -> None:
+    cfg = run_config(shapes, tmp_path, batch_size=4, iterations=60, lr=4e-3, warmup=5,
+                     decay_fractions=(0.8,), layer_decay=1.0, drop_path=0.0,
+                     scale_range=(1.0, 1.0), hflip=False, log_interval=1)
+    rows = train(cfg)
+    sam = build_sam_from_config(cfg.model_config())
+    sam.load_state_dict(load_state_dict(tmp_path / "model.safetensors"))
+    dataset = TrainDataset([open_source(str(shapes))], AugmentConfig(SIZE, (1.0, 1.0), hflip=False),
+                           seed=99)
+    step = TrainStep(sam, frozen_encoder=False, seed=99).eval()
+    with torch.no_grad():  # fresh prompts, not the ones trained on
+        outs = [step(collate([dataset[(e, i)] for i in range(4)], SIZE), e) for e in range(2)]
+    final_loss = np.mean([o.loss.item() for o in outs])
+    assert final_loss <= 0.2 * rows[0]["loss"], (rows[0]["loss"], final_loss)
+    assert np.mean([o.metrics["miou"].item() for o in outs]) >= 0.9
+    assert np.mean([o.metrics["miou_first"].item() for o in outs]) >= 0.8
+    assert set(rows[-1]) >= {"loss", "focal", "dice", "iou_mse", "miou", "lr", "images_per_s",
+                             "encoder_share", "decoder_share"}
+    assert 0 < rows[-1]["encoder_share"] + rows[-1]["decoder_share"] <= 1
+
+
+@pytest.fixture(scope="module")
+def reference_run(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 uninterrupted steps: jitter, flips, copy-paste and drop path all consume randomness."""
+    out = tmp_path_factory.mktemp("reference")
+    torch.set_num_threads(1)
+    train(run_config(shapes, out, copy_paste=True))
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    rows_a, rows_b = read_metrics(a / "metrics.csv"), read_metrics(b / "metrics.csv")
+    assert [r["step"] for r in rows_b] == list(range(1, 9))
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in ("loss", "focal", "dice", "iou_mse", "miou", "lr"):
+            assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    wa, wb = load_state_dict(a / "model.safetensors"), load_state_dict(b / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_is_exact(shapes: Path, tmp_path: Path, reference_run: Path) -> None:
+    train(run_config(shapes, tmp_path, copy_paste=True, max_steps=3))  # stops mid-epoch 1
+    assert len(read_metrics(tmp_path / "metrics.csv")) == 3
+    train(run_config(shapes, tmp_path, copy_paste=True, resume=True))
+    assert_same_run(reference_run, tmp_path)
+
+
+def test_resume_after_kill_9(shapes: Path, tmp_path: Path, reference_run: Path) -> None:
+    config = write_yaml(run_config(shapes, tmp_path, copy_paste=True, ckpt_interval=2,
+                                   num_workers=1), tmp_path / "run.yaml")
+    command = [sys.executable, "-m", "samkit.train", "--config", str(config)]
+    proc = subprocess.Popen(command, env=subprocess_env(), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoint = tmp_path / "checkpoint.pt"
+    deadline = time.monotonic() + 60
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (tmp_path / "model.safetensors").exists()  # it really died mid-run
+    done = subprocess.run(command + ["--resume"], env=subprocess_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming at step" in done.stdout
+    assert_same_run(reference_run, tmp_path)
+
+
+def test_torchrun_two_processes_match_one(shapes: Path, tmp_path: Path) -> None:
+    """2 processes x batch 1 (gloo) == 1 process x batch 2: same data, prompts, gradients."""
+    fields = TINY_PLAIN_VIT | {"iterations": 4, "drop_path": 0.0}
+    single = run_config(shapes, tmp_path / "single", **fields)
+    train(single)
+    config = write_yaml(run_config(shapes, tmp_path / "ddp", batch_size=1, **fields),
+                        tmp_path / "ddp.yaml")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "samkit.train", "--config", str(config)],
+        env=subprocess_env(), capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows_1 = read_metrics(tmp_path / "single" / "metrics.csv")
+    rows_2 = read_metrics(tmp_path / "ddp" / "metrics.csv")
+    assert len(rows_1) == len(rows_2) == 4
+    for r1, r2 in zip(rows_1, rows_2, strict=False):
+        for key in ("loss", "focal", "dice", "iou_mse", "miou"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-6), (r1["step"], key)
+    assert rows_1[-1]["loss"] != rows_1[0]["loss"]  # it did train
+
+
+def test_cli_set_and_data_overrides(shapes: Path, tmp_path: Path) -> None:
+    cfg_path = write_yaml(run_config(tmp_path / "nowhere", tmp_path / "ignored"),
+                          tmp_path / "cli.yaml")
+    out = tmp_path / "out"
+    code = samkit_main(["train", "--config", str(cfg_path), "--data", str(shapes),
+                        "--out-dir", str(out), "--max-steps", "1", "--set", "export_fp16=true",
+                        "--set", "finetune=frozen_encoder", "--set", "layer_decay=1"])
+    assert code == 0
+    weights = load_state_dict(out / "model.safetensors")
+    assert weights["mask_decoder.iou_token.weight"].dtype == torch.float16
+    saved = load_config(out / "config.yaml")
+    assert saved.data == [str(shapes)] and saved.max_steps == 1
+    assert samkit_main(["train", "--config", str(cfg_path), "--set", "batch_size=0"]) == 2
