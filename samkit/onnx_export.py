@@ -1,0 +1,382 @@
+"""Export SAM to ONNX: an image-encoder graph and a prompt-encoder + mask-decoder graph.
+
+``encoder.onnx``
+    ``image`` (``h x w x 3`` uint8 RGB, already resized so that its long side is the model's
+    ``image_size``, e.g. by :class:`samkit.images.ResizeLongestSide`) ->
+    ``image_embeddings`` (``1 x 256 x g x g``, ``g = image_size / 16``). Normalisation and
+    zero padding to the square input happen inside the graph; the resize stays outside because
+    samkit resizes with PIL's antialiased bilinear filter, which no ONNX ``Resize`` reproduces.
+
+``decoder.onnx`` (the official SAM ONNX interface, ``return_single_mask=False``)
+    ``image_embeddings`` ``1 x 256 x g x g``; ``point_coords`` ``1 x N x 2`` (XY, resized
+    frame); ``point_labels`` ``1 x N`` float (1 foreground, 0 background, 2 / 3 box corners,
+    -1 padding); ``mask_input`` ``1 x 1 x 4g x 4g``; ``has_mask_input`` ``1``;
+    ``orig_im_size`` ``2`` (H, W as float) ->
+    ``masks`` ``1 x 4 x H x W`` logits at the original size, ``iou_predictions`` ``1 x 4``,
+    ``low_res_masks`` ``1 x 4 x 4g x 4g``. Index 0 is the single-mask output, 1..3 the three
+    multimask outputs. The resized size is computed in the graph with the same float64
+    rounding as :func:`samkit.images.preprocess_shape`, so every aspect ratio is right.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import samkit
+from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS, build_sam, is_trained
+from samkit.errors import SamkitError
+from samkit.modeling.prompt_encoder import LABEL_PAD
+from samkit.modeling.sam import Sam, _resize_matrix
+
+OPSET = 18  # the dynamo exporter's native opset: no version conversion step to go wrong
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+INT8_SUFFIX = ".int8.onnx"
+INFO_FILE = "samkit_onnx.json"
+QUANTIZE_CHOICES = ("int8",)
+# Stored in each graph's metadata, so a predictor needs nothing but the two .onnx files.
+META_IMAGE_SIZE = "samkit.image_size"
+META_MODEL = "samkit.model"
+META_GRAPH = "samkit.graph"
+ENCODER_INPUTS = ["image"]
+ENCODER_OUTPUTS = ["image_embeddings"]
+DECODER_INPUTS = [
+    "image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
+    "orig_im_size",
+]
+DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
+# Dynamic int8: MatMul / Gemm weights (the bulk of both graphs) as signed int8; see docs/onnx.md.
+INT8_OPS = ["MatMul", "Gemm"]
+INT8_WEIGHT_TYPE = "QInt8"
+# A protobuf file holds at most 2 GiB: bigger encoders (ViT-H) keep weights in a .data file.
+PROTOBUF_LIMIT = 2**31 - 2**26
+# Each package the export needs, and why (named in the error when one is missing).
+EXPORT_PACKAGES = {
+    "onnx": "the ONNX format",
+    "onnxscript": "torch's ONNX exporter",
+    "onnxruntime": "int8 quantization",
+}
+
+
+class EncoderGraph(nn.Module):
+    """Resized uint8 ``h x w x 3`` image -> ``1 x C x g x g`` image embedding."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(2, 0, 1).float()
+        return self.sam.image_encoder(self.sam.preprocess(x)[None])
+
+
+class DecoderGraph(nn.Module):
+    """Prompt encoder + mask decoder + upscaling to the original size, for one image."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+        self.image_size = sam.image_size
+        with torch.no_grad():
+            self.register_buffer("dense_pe", sam.prompt_encoder.get_dense_pe(), persistent=False)
+        low_res = sam.prompt_encoder.mask_input_size[0]
+        # Upscaling low-res logits to the padded square: fixed for the model, so a constant.
+        self.register_buffer("upscale", _resize_matrix(self.image_size, low_res), persistent=False)
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sparse = self.embed_points(point_coords, point_labels)
+        dense = self.embed_mask(mask_input, has_mask_input)
+        decoder = self.mask_decoder
+        low_res, iou = decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
+        return self.postprocess(low_res, orig_im_size), iou, low_res
+
+    def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Points and box corners as one token list: the same sums as
+        :meth:`PromptEncoder.embed_points` / :meth:`PromptEncoder.embed_boxes`, with the token
+        kind read from the label (2 / 3 = box corners) instead of the call."""
+        encoder = self.prompt_encoder
+        pe = encoder.pe_layer.forward_with_coords(coords + 0.5, encoder.input_image_size)
+        labels = labels[..., None]
+        kind = (labels == LABEL_PAD) * encoder.not_a_point_embed.weight
+        for label, embedding in enumerate(encoder.point_embeddings):
+            kind = kind + (labels == label) * embedding.weight
+        return torch.where(labels == LABEL_PAD, 0.0, pe) + kind
+
+    def embed_mask(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        """The mask prompt's embedding, or the "no mask" one: a blend by the 0/1 flag, as a
+        graph cannot branch on an input value."""
+        encoder = self.prompt_encoder
+        no_mask = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        return has_mask_input * encoder.embed_masks(mask_input) + (1 - has_mask_input) * no_mask
+
+    def postprocess(self, low_res: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        """``1 x M x 4g x 4g`` logits -> ``1 x M x H x W``: the separable operators of
+        :func:`samkit.modeling.sam.postprocess_operators`, built from runtime sizes."""
+        original = orig_im_size.to(torch.float64)
+        # float64 like Python, so the rounding equals preprocess_shape's int(x * scale + 0.5).
+        scale = self.image_size / original.max()
+        resized = torch.floor(original * scale + 0.5).to(torch.int64)
+        original = original.to(torch.int64)
+        rows = self.upscale_rows(original[0], resized[0])
+        cols = self.upscale_rows(original[1], resized[1])
+        return rows @ low_res @ cols.transpose(0, 1)
+
+    def upscale_rows(self, out_size: torch.Tensor, in_size: torch.Tensor) -> torch.Tensor:
+        """``out x 4g`` operator: upscale to the square, keep the first ``in_size`` rows (the
+        unpadded image), resize those to ``out_size``. Bilinear weights as in ``_resize_matrix``
+        (float32 positions, clamped source index); each output row mixes two upscale rows."""
+        scale = (in_size.to(torch.float64) / out_size.to(torch.float64)).to(torch.float32)
+        src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+        lo = torch.minimum(src.to(torch.int64), in_size - 1)
+        hi = torch.minimum(lo + 1, in_size - 1)
+        frac = (src - lo.to(torch.float32)).clamp(0, 1).to(torch.float64)[:, None]
+        rows = (1 - frac) * self.upscale[lo] + frac * self.upscale[hi]
+        return rows.to(torch.float32)
+
+
+# --- export -------------------------------------------------------------------------------
+
+
+def export_onnx(
+    sam: Sam, out_dir: str | Path, *, model_name: str = "custom", quantize: str | None = None
+) -> dict[str, Path]:
+    """Write ``encoder.onnx``, ``decoder.onnx`` (and with ``quantize="int8"`` their
+    ``*.int8.onnx`` dynamic-quantized copies) plus ``samkit_onnx.json`` into ``out_dir``.
+
+    ``sam`` must be a float32 model on the CPU. Returns the written paths by role.
+    """
+    check_quantize(quantize)
+    require_packages(quantize is not None)
+    if sam.device.type != "cpu" or sam.pixel_mean.dtype != torch.float32:
+        raise SamkitError("ONNX export needs a float32 model on the CPU")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "encoder": export_encoder(sam, out / ENCODER_FILE, model_name),
+        "decoder": export_decoder(sam, out / DECODER_FILE, model_name),
+    }
+    if quantize == "int8":
+        for role in ("encoder", "decoder"):
+            paths[f"{role}_int8"] = quantize_int8(paths[role], paths[role].with_suffix(INT8_SUFFIX))
+    paths["info"] = write_info(sam, out / INFO_FILE, model_name, paths)
+    return paths
+
+
+def export_encoder(sam: Sam, path: Path, model_name: str = "custom") -> Path:
+    """Export :class:`EncoderGraph` with a dynamic image height and width."""
+    size = sam.image_size
+    example = torch.zeros(size * 3 // 4, size, 3, dtype=torch.uint8)
+    dims = {0: torch.export.Dim("height", max=size), 1: torch.export.Dim("width", max=size)}
+    return _export(
+        EncoderGraph(sam), (example,), (dims,), ENCODER_INPUTS, ENCODER_OUTPUTS, path,
+        _metadata(sam, model_name, "encoder"),
+    )
+
+
+def export_decoder(sam: Sam, path: Path, model_name: str = "custom") -> Path:
+    """Export :class:`DecoderGraph` with a dynamic number of points and original size."""
+    grid = sam.prompt_encoder.image_embedding_size
+    low_res = sam.prompt_encoder.mask_input_size
+    example = (
+        torch.zeros(1, sam.prompt_encoder.embed_dim, *grid),
+        torch.tensor([[[10.0, 20.0], [0.0, 0.0]]]),
+        torch.tensor([[1.0, LABEL_PAD]]),
+        torch.zeros(1, 1, *low_res),
+        torch.zeros(1),
+        torch.tensor([480.0, 640.0]),
+    )
+    points = torch.export.Dim("num_points")
+    dynamic = (None, {1: points}, {1: points}, None, None, None)
+    return _export(
+        DecoderGraph(sam), example, dynamic, DECODER_INPUTS, DECODER_OUTPUTS, path,
+        _metadata(sam, model_name, "decoder"), masks_dims=("height", "width"),
+    )
+
+
+def _export(
+    module: nn.Module,
+    example: tuple[torch.Tensor, ...],
+    dynamic_shapes: tuple[Any, ...],
+    input_names: list[str],
+    output_names: list[str],
+    path: Path,
+    metadata: dict[str, str],
+    masks_dims: tuple[str, str] | None = None,
+) -> Path:
+    """``torch.onnx.export`` (the torch.export-based exporter) to ``path``, with metadata."""
+    modes = {m: m.training for m in module.modules()}  # restored: the caller's model
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            module.eval(), example, None, dynamo=True, opset_version=OPSET, verbose=False,
+            input_names=input_names, output_names=output_names, dynamic_shapes=dynamic_shapes,
+        )
+    for m, training in modes.items():
+        m.training = training
+    model = program.model
+    model.metadata_props.update(metadata)
+    if masks_dims is not None:
+        _name_output_dims(model.graph.outputs[0], masks_dims)
+    big = sum(p.numel() * p.element_size() for p in module.parameters()) > PROTOBUF_LIMIT
+    program.save(str(path), external_data=big)
+    return path
+
+
+def _name_output_dims(output: Any, names: tuple[str, str]) -> None:
+    """The exporter names data-dependent sizes ``u0``, ``u1``; say what they are."""
+    import onnx_ir as ir
+
+    output.shape = ir.Shape([*list(output.shape)[:-2], *names])
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide the exporter's chatter (notes about torchvision ops, deprecations inside torch),
+    which says nothing about this model; real failures still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _metadata(sam: Sam, model_name: str, graph: str) -> dict[str, str]:
+    return {META_IMAGE_SIZE: str(sam.image_size), META_MODEL: model_name, META_GRAPH: graph}
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """Dynamic int8 quantization of the MatMul / Gemm weights (activations are quantized on
+    the fly), keeping the graph's metadata."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    # It logs a generic "consider pre-processing" hint on the root logger; measured on these
+    # graphs, pre-processing changed neither speed nor masks.
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            src, dst, op_types_to_quantize=INT8_OPS,
+            weight_type=getattr(QuantType, INT8_WEIGHT_TYPE),
+        )
+    finally:
+        root.setLevel(level)
+    source, quantized = onnx.load(str(src), load_external_data=False), onnx.load(str(dst))
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(source.metadata_props)
+    onnx.save(quantized, str(dst))
+    return dst
+
+
+def write_info(sam: Sam, path: Path, model_name: str, paths: dict[str, Path]) -> Path:
+    """A small JSON describing the export, for tools that do not read ONNX metadata."""
+    info = {
+        "format": "samkit-onnx",
+        "samkit_version": samkit.__version__,
+        "model": model_name,
+        "trained": is_trained(sam),
+        "image_size": sam.image_size,
+        "embedding_size": list(sam.prompt_encoder.image_embedding_size),
+        "mask_input_size": list(sam.prompt_encoder.mask_input_size),
+        "pixel_mean": [round(v, 4) for v in sam.pixel_mean.flatten().tolist()],
+        "pixel_std": [round(v, 4) for v in sam.pixel_std.flatten().tolist()],
+        "mask_threshold": sam.mask_threshold,
+        "opset": OPSET,
+        "encoder_input": "image: h x w x 3 uint8 RGB, resized so max(h, w) == image_size",
+        "decoder_inputs": DECODER_INPUTS,
+        "decoder_outputs": DECODER_OUTPUTS,
+        "files": {role: p.name for role, p in paths.items()},
+    }
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise SamkitError(
+            f"unknown --quantize {quantize!r}; choose one of: {', '.join(QUANTIZE_CHOICES)}"
+        )
+
+
+def require_packages(quantize: bool) -> None:
+    """One clear line when an optional package the export needs is missing."""
+    import importlib.util
+
+    needed = [name for name in EXPORT_PACKAGES if quantize or name != "onnxruntime"]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        why = ", ".join(f"{name} ({EXPORT_PACKAGES[name]})" for name in missing)
+        raise SamkitError(f"ONNX export needs {why}: pip install 'samkit[onnx]'")
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``samkit export-onnx``."""
+    parser = subparsers.add_parser(
+        "export-onnx",
+        help="export the encoder and decoder to ONNX (for onnxruntime)",
+        description="Write encoder.onnx (resized uint8 image -> embedding), decoder.onnx "
+        "(embedding + prompts -> masks at the original size) and samkit_onnx.json into DIR. "
+        "See docs/onnx.md.",
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="NAME",
+        help=f"one of {', '.join(MODEL_CONFIGS)} (default {DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, metavar="PATH",
+        help="weights for --model (default: bundled, or the `samkit weights fetch` cache)",
+    )
+    parser.add_argument("-o", "--out", type=Path, required=True, metavar="DIR",
+                        help="output folder")
+    # No argparse `choices`: a wrong value should be one SamkitError line, not a usage dump.
+    parser.add_argument("--quantize", metavar="int8",
+                        help="also write *.int8.onnx (dynamic int8 quantization)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``samkit export-onnx``: check everything cheap first, then export."""
+    from samkit.segment import prepare_out_dir, resolve_model
+
+    check_quantize(args.quantize)
+    require_packages(args.quantize is not None)
+    choice = resolve_model(args.model, args.checkpoint)
+    out_dir = prepare_out_dir(args.out)
+    sam = build_sam(choice.name, choice.checkpoint)
+    if not is_trained(sam):
+        print(
+            f"WARNING: model {choice.name!r} has no trained weights in this install: the "
+            "exported graphs hold RANDOM weights",
+            file=sys.stderr,
+        )
+    paths = export_onnx(sam, out_dir, model_name=choice.name, quantize=args.quantize)
+    for path in paths.values():
+        print(path)
+    return 0
