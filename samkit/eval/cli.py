@@ -1,0 +1,339 @@
+"""``samkit eval <protocol>``: the command line of the evaluation protocols.
+
+Exit status: 0 when at least one image was evaluated (bad items are reported one line each
+and skipped), 1 when nothing could be evaluated (the JSON / Markdown are still written, with
+the reasons), 2 for a usage error (unknown model, missing checkpoint, bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS
+from samkit.errors import SamkitError
+
+EXIT_NOTHING_EVALUATED = 1
+PAPER = {
+    "points": "SAM §7.1, App. D.1",
+    "edges": "SAM §7.2, App. D.2",
+    "proposals": "SAM §7.3, App. D.3",
+    "instances": "SAM §7.4",
+}
+BASELINES = {"points": ("grabcut",), "edges": ("sobel", "canny")}
+DATA_KINDS = {"points": ("masks", "coco"), "edges": ("bsds",), "proposals": ("coco",),
+              "instances": ("coco",)}
+
+
+# ---------------------------------------------------------------------------- parser
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``samkit eval {points,edges,proposals,instances}``."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="benchmark a model with the SAM paper's zero-shot protocols",
+        description="Evaluate a model (and baselines) with the SAM paper's protocols; writes "
+        "OUT.json, OUT.md and OUT.<dataset>.png. See docs/eval.md.",
+    )
+    protocols = parser.add_subparsers(dest="protocol", metavar="PROTOCOL", required=True)
+    points = _protocol_parser(protocols, "points", "interactive clicks and box prompts: mIoU "
+                              "at 1/2/3/5/9 clicks, NoC@85/90, box mIoU")
+    points.add_argument("--max-clicks", type=int, default=20, metavar="N",
+                        help="click budget; NoC is capped at N (default 20)")
+    edges = _protocol_parser(protocols, "edges", "BSDS500 edge detection: ODS, OIS, AP, R50")
+    edges.add_argument("--points-per-side", type=int, default=16, metavar="N",
+                       help="point grid (default 16: 768 masks)")
+    edges.add_argument("--thresholds", type=int, default=99, metavar="N",
+                       help="edge thresholds of the PR curve (default 99, the benchmark's)")
+    proposals = _protocol_parser(protocols, "proposals",
+                                 "object proposals: AR@10/100/1000 overall and by size")
+    proposals.add_argument("--points-per-side", type=int, default=64, metavar="N",
+                           help="point grid (default 64, the paper's; smaller is faster)")
+    proposals.add_argument("--points-per-batch", type=int, default=64, metavar="N",
+                           help="prompts decoded together (default 64)")
+    instances = _protocol_parser(protocols, "instances",
+                                 "instance segmentation from boxes: COCO mask AP")
+    source = instances.add_mutually_exclusive_group(required=True)
+    source.add_argument("--detections", type=Path, metavar="FILE",
+                        help="detector boxes, a COCO results JSON")
+    source.add_argument("--oracle-boxes", action="store_true",
+                        help="prompt with the ground-truth boxes instead")
+    instances.add_argument("--score", choices=("det_x_iou", "det"), default="det_x_iou",
+                           help="mask score: detection score x predicted IoU (default) or "
+                           "the detection score")
+
+
+def _protocol_parser(
+    protocols: argparse._SubParsersAction, name: str, summary: str
+) -> argparse.ArgumentParser:
+    p = protocols.add_parser(name, help=summary, description=f"{summary} ({PAPER[name]}).")
+    p.add_argument("--data", type=Path, action="append", required=True, metavar="DIR",
+                   help="dataset folder (repeatable)")
+    p.add_argument("--json", type=Path, required=True, metavar="OUT.json",
+                   help="results file; OUT.md and OUT.<dataset>.png are written next to it")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                   help=f"one of {', '.join(MODEL_CONFIGS)} (default {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", type=Path, metavar="PATH",
+                   help="weights for --model (default: bundled, or the weights cache)")
+    p.add_argument("--device", metavar="cpu|cuda", help="default: cuda if available")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N images per dataset")
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch seed (fixes random weights of an untrained model; default 0)")
+    if name in BASELINES:
+        p.add_argument("--baseline", action="append", default=[], choices=BASELINES[name],
+                       help="also evaluate this baseline (repeatable)")
+        p.add_argument("--no-model", action="store_true",
+                       help="evaluate only the baselines")
+    p.set_defaults(func=run)
+    return p
+
+
+# ---------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    """Validate, load, evaluate, write; see the module docstring for the exit status."""
+    from samkit.eval.common import ErrorLog
+    from samkit.eval.report import markdown, write_report
+    from samkit.segment import prepare_out_dir, resolve_device, resolve_model
+
+    start = time.perf_counter()
+    _check_args(args)
+    _check_dependencies(args.protocol)
+    # Model name, checkpoint and device are checked before anything slow.
+    choice = resolve_model(args.model, args.checkpoint) if _uses_model(args) else None
+    device = resolve_device(args.device)
+    prepare_out_dir(args.json.resolve().parent)
+    log = ErrorLog()
+    datasets, dataset_errors = _open_datasets(args)
+    model, model_info = (
+        _load_model(choice, device, args.seed) if datasets and choice else (None, None)
+    )
+    results = PROTOCOLS[args.protocol](args, datasets, model, model_info, log) if datasets else []
+    document = {
+        "protocol": args.protocol,
+        "paper": PAPER[args.protocol],
+        "command": command_line(args),
+        "model": model_info,
+        "baselines": getattr(args, "baseline", []),
+        "settings": protocol_settings(args),
+        "seed": args.seed,
+        "limit": args.limit,
+        "datasets": _dataset_entries(datasets, results, dataset_errors, log),
+        "errors_total": len(log.entries) + len(dataset_errors),
+        "runtime_s": round(time.perf_counter() - start, 3),
+        "versions": _versions(),
+    }
+    paths = write_report(args.json, document)
+    print(markdown(document))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    evaluated = sum(ds.get("images_evaluated", 0) for ds in document["datasets"])
+    if evaluated == 0:
+        print("samkit eval: nothing could be evaluated (see the reasons above)", file=sys.stderr)
+        return EXIT_NOTHING_EVALUATED
+    return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for option in ("limit", "max_clicks", "points_per_side", "thresholds", "points_per_batch"):
+        value = getattr(args, option, None)
+        if value is not None and value < 1:
+            raise SamkitError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "no_model", False) and not args.baseline:
+        raise SamkitError("--no-model needs at least one --baseline")
+    if getattr(args, "detections", None) is not None and not args.detections.is_file():
+        raise SamkitError(f"detections file not found: {args.detections}")
+
+
+def _check_dependencies(protocol: str) -> None:
+    """The optional packages (``samkit[eval]``) this protocol needs, checked before any work."""
+    needed = ["matplotlib"] + (["scipy", "pyEdgeEval"] if protocol == "edges" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SamkitError(
+            f"`samkit eval {protocol}` needs {', '.join(missing)}: pip install 'samkit[eval]'"
+        )
+
+
+def _uses_model(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_model", False)
+
+
+def _open_datasets(args: argparse.Namespace) -> tuple[list[Any], dict[str, str]]:
+    """The usable datasets, and a reason for each ``--data`` that is not."""
+    from samkit.eval.common import one_line
+    from samkit.eval.datasets import open_dataset, require_kind
+
+    datasets, errors, names = [], {}, set()
+    for path in args.data:
+        try:
+            dataset = open_dataset(path, args.limit)
+            require_kind(dataset, DATA_KINDS[args.protocol], args.protocol)
+        except SamkitError as err:
+            errors[str(path)] = one_line(err)
+            print(f"samkit eval: skipped dataset {path}: {one_line(err)}", file=sys.stderr)
+            continue
+        dataset.name = _unique(dataset.name, names)
+        datasets.append(dataset)
+    return datasets, errors
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 2
+    while candidate in taken:
+        candidate, n = f"{name}-{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _load_model(choice: Any, device: str, seed: int) -> tuple[Any, dict[str, Any]]:
+    """Build the model (seeded, so random weights are reproducible) and describe it."""
+    import torch
+
+    from samkit.segment import build_model
+
+    torch.manual_seed(seed)
+    model, trained = build_model(choice, device)
+    if not trained:
+        print(
+            f"WARNING: model {choice.name!r} has no trained weights in this install: results "
+            "are for RANDOM weights and mean nothing (pass --checkpoint)",
+            file=sys.stderr,
+        )
+    info = {
+        "name": choice.name,
+        "checkpoint": None if choice.checkpoint is None else str(choice.checkpoint.resolve()),
+        "trained": trained,
+        "device": device,
+        "image_size": model.image_size,
+    }
+    return model, info
+
+
+def _dataset_entries(
+    datasets: list[Any], results: list[dict[str, Any]], dataset_errors: dict[str, str],
+    log: Any,
+) -> list[dict[str, Any]]:
+    entries = [
+        {"name": ds.name, "path": str(ds.path.resolve()), "kind": ds.kind,
+         "items": len(ds.items), **result, "errors": log.for_dataset(ds.name)}
+        for ds, result in zip(datasets, results, strict=True)
+    ]
+    entries += [{"name": Path(path).name, "path": path, "images_evaluated": 0, "error": reason,
+                 "errors": []} for path, reason in dataset_errors.items()]
+    return entries
+
+
+# ---------------------------------------------------------------------------- protocols
+def _points(
+    args: argparse.Namespace, datasets: list[Any], model: Any, info: Any, log: Any
+) -> list[dict[str, Any]]:
+    from samkit.eval.grabcut import GrabCutPredictor
+    from samkit.eval.points import run_points
+    from samkit.eval.predictors import SamPromptPredictor
+
+    predictors: list[Any] = [] if model is None else [SamPromptPredictor(model, info["name"])]
+    if "grabcut" in args.baseline:
+        predictors.append(GrabCutPredictor())
+    return run_points(datasets, predictors, log, args.max_clicks)
+
+
+def _edges(
+    args: argparse.Namespace, datasets: list[Any], model: Any, info: Any, log: Any
+) -> list[dict[str, Any]]:
+    from samkit.eval.edges import BASELINES as EDGE_BASELINES
+    from samkit.eval.edges import SamEdges, run_edges, thresholds
+    from samkit.eval.predictors import SamPromptPredictor
+
+    methods: list[Any] = []
+    if model is not None:
+        sam = SamEdges(SamPromptPredictor(model, info["name"]), args.points_per_side)
+        methods.append((info["name"], sam))
+    methods += [(name, EDGE_BASELINES[name]) for name in dict.fromkeys(args.baseline)]
+    return run_edges(datasets, methods, log, thresholds(args.thresholds))
+
+
+def _proposals(
+    args: argparse.Namespace, datasets: list[Any], model: Any, info: Any, log: Any
+) -> list[dict[str, Any]]:
+    from samkit.automatic import AutomaticMaskGenerator
+    from samkit.eval.proposals import generator_settings, run_proposals
+
+    generator = AutomaticMaskGenerator(
+        model, points_per_batch=args.points_per_batch, **generator_settings(args.points_per_side)
+    )
+    return run_proposals(datasets, [(info["name"], generator.generate)], log)
+
+
+def _instances(
+    args: argparse.Namespace, datasets: list[Any], model: Any, info: Any, log: Any
+) -> list[dict[str, Any]]:
+    from samkit.eval.instances import run_instances
+    from samkit.eval.predictors import SamPromptPredictor
+
+    predictor = SamPromptPredictor(model, info["name"])
+    return run_instances(datasets, [predictor], log, args.detections, args.score)
+
+
+PROTOCOLS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "points": _points, "edges": _edges, "proposals": _proposals, "instances": _instances,
+}
+
+
+# ---------------------------------------------------------------------------- records
+def protocol_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The protocol's parameters, as run (recorded in the JSON)."""
+    if args.protocol == "points":
+        from samkit.eval.points import CURVE_CLICKS, NOC_THRESHOLDS
+
+        return {"max_clicks": args.max_clicks, "miou_at_clicks": list(CURVE_CLICKS),
+                "noc_thresholds": list(NOC_THRESHOLDS), "click_1": "multimask, top predicted IoU",
+                "later_clicks": "single mask + previous low-res logits",
+                "click_placement": "farthest from the boundary of the deeper error region",
+                "box_prompt": "ground-truth box, single mask"}
+    if args.protocol == "edges":
+        from samkit.eval.edges import BOX_NMS_THRESH, MAX_DIST
+
+        return {"points_per_side": args.points_per_side, "masks_per_point": 3,
+                "box_nms_thresh": BOX_NMS_THRESH, "thresholds": args.thresholds,
+                "max_dist": MAX_DIST, "edge_nms": "edgesNms r=1 s=5 m=1.01", "thinning": True}
+    if args.protocol == "proposals":
+        from samkit.eval.proposals import MAX_DETS, generator_settings
+
+        return {**generator_settings(args.points_per_side),
+                "points_per_batch": args.points_per_batch,
+                "ranking": "mean(predicted_iou, stability_score)", "max_dets": list(MAX_DETS),
+                "use_cats": False}
+    from samkit.eval.instances import MAX_PER_IMAGE
+
+    return {"boxes": "ground truth" if args.oracle_boxes else str(args.detections.resolve()),
+            "score": args.score, "refinement_passes": 1, "max_boxes_per_image": MAX_PER_IMAGE}
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command, rebuilt from the parsed options (so it is exact whatever the caller)."""
+    parts = ["samkit", "eval", args.protocol]
+    skip = {"func", "command", "protocol"}
+    if not _uses_model(args):
+        skip |= {"model", "checkpoint"}
+    for key, value in vars(args).items():
+        if key in skip or value is None or value is False or value == []:
+            continue
+        flag = "--" + key.replace("_", "-")
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            parts += [flag] if v is True else [flag, str(v)]
+    return " ".join(parts)
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    import samkit
+
+    return {"samkit": samkit.__version__, "torch": torch.__version__,
+            "numpy": numpy.__version__, "python": platform.python_version()}

@@ -1,0 +1,92 @@
+"""The small interface every evaluated method implements, and its SAM implementation.
+
+Protocols talk to a :class:`PromptPredictor` only, so tests can inject an oracle (returns the
+ground truth) or an empty predictor, and baselines (OpenCV GrabCut) run through exactly the
+same harness and metrics as the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from samkit.modeling.sam import Sam
+from samkit.predictor import SamPredictor
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """A batch of B prompt sets for one image, in original-image pixels.
+
+    ``points B x N x 2`` XY with ``labels B x N`` (1 foreground, 0 background), ``boxes B x 4``
+    XYXY, ``mask_input B x 1 x h x w`` low-res logits from an earlier prediction. Any may be
+    ``None``, not all.
+    """
+
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    boxes: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        for array in (self.points, self.boxes, self.mask_input):
+            if array is not None:
+                return len(array)
+        return 0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """``logits B x M x H x W`` float (foreground where > 0), ``scores B x M`` (the model's
+    predicted IoU) and ``low_res B x M x h x w`` logits to feed back (``None`` for methods
+    that take no mask input)."""
+
+    logits: np.ndarray
+    scores: np.ndarray
+    low_res: np.ndarray | None
+
+    @property
+    def masks(self) -> np.ndarray:
+        return self.logits > 0
+
+
+class PromptPredictor(Protocol):
+    """What a protocol needs from a method: embed an image once, then answer prompt batches."""
+
+    name: str
+
+    def set_image(self, image: np.ndarray) -> None:
+        """Make ``image`` (``H x W x 3`` RGB uint8) the current image."""
+
+    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+        """Masks for each prompt set of the batch; M = 3 with ``multimask`` (when the method
+        supports it), else 1."""
+
+
+class SamPromptPredictor:
+    """:class:`~samkit.predictor.SamPredictor` behind the :class:`PromptPredictor` interface."""
+
+    def __init__(self, model: Sam, name: str) -> None:
+        self.name = name
+        self.predictor = SamPredictor(model)
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.predictor.set_image(image)
+
+    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+        logits, scores, low_res = self.predictor.predict_batch(
+            prompts.points,
+            prompts.labels,
+            prompts.boxes,
+            prompts.mask_input,
+            multimask_output=multimask,
+            return_logits=True,
+        )
+        return Prediction(_numpy(logits), _numpy(scores), _numpy(low_res))
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy()
