@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from samkit.modeling.common import DropPath, LayerNorm2d, MLPBlock
 
@@ -70,7 +71,7 @@ class ImageEncoderViT(nn.Module):
         x = self.patch_embed(x) + self.pos_embed  # B x H x W x C
         for blk in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
         return self.neck(x.permute(0, 3, 1, 2))
