@@ -17,7 +17,7 @@ import torch
 from samkit.errors import SamkitError
 from samkit.images import ResizeLongestSide, to_rgb_uint8
 from samkit.modeling.sam import Sam
-from samkit.modeling.transformer import ImageProjections
+from samkit.modeling.shared_image import ImageCache
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -29,8 +29,8 @@ class EmbeddedImage:
     features: torch.Tensor  # 1 x C x h x w image embedding
     original_size: tuple[int, int]  # (H, W) of the user's image
     input_size: tuple[int, int]  # (H, W) after resize-longest-side, before padding
-    # The decoder's first-layer work for prompts without a mask input, computed on first use.
-    no_mask_projections: ImageProjections | None = None
+    # The decoder's image-side work for prompts without a mask input, filled on first use.
+    no_mask_cache: ImageCache | None = None
 
 
 class SamPredictor:
@@ -245,21 +245,21 @@ class SamPredictor:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask decoder on encoded prompts for the current image: low-res logits and IoU.
 
-        ``shared_dense``: the dense prompt is the "no mask" embedding (no mask input), so the
-        first layer's image-side projections are the same for every prompt of this image;
-        they are computed once and reused by every later call.
+        ``shared_dense``: the dense prompt is the "no mask" embedding (no mask input), so all
+        image-sized work of the decoder is the same for every prompt of this image: it is
+        done once (``MaskDecoder.image_cache``) and reused by every later call.
         """
         self._require_image()
         decoder = self.model.mask_decoder
-        projections = None
+        cache = None
         if shared_dense:
             assert self._current is not None
-            if self._current.no_mask_projections is None:
-                self._current.no_mask_projections = decoder.image_projections(
+            if self._current.no_mask_cache is None:
+                self._current.no_mask_cache = decoder.image_cache(
                     self._current.features, self._dense_pe, dense
                 )
-            projections = self._current.no_mask_projections
-        return decoder(self.features, self._dense_pe, sparse, dense, multimask_output, projections)
+            cache = self._current.no_mask_cache
+        return decoder(self.features, self._dense_pe, sparse, dense, multimask_output, cache)
 
     # ------------------------------------------------------------------ validation
     def _require_image(self) -> None:

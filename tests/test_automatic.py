@@ -78,11 +78,11 @@ class BlobDecoder(nn.Module):
     slope = 8.0  # logits per low-res pixel: stability scores straddle 0.9-0.95
     roughness = 3.0  # edge displacement in low-res pixels: holes and islands appear
 
-    def image_projections(self, image_embeddings, image_pe, dense_prompt):
+    def image_cache(self, image_embeddings, image_pe, dense_prompt):
         return None  # nothing prompt-independent worth caching in this stand-in
 
     def forward(self, image_embeddings, image_pe, sparse_prompt_embeddings,
-                dense_prompt_embeddings, multimask_output, first_layer_proj=None):
+                dense_prompt_embeddings, multimask_output, image_cache=None):
         side = 4 * image_embeddings.shape[-1]
         texture = F.interpolate(image_embeddings, (side, side), mode="bilinear")[0]  # 4 x s x s
         centre = sparse_prompt_embeddings[:, 0] / 4  # B x 2, low-res pixels

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from samkit.modeling.common import MLP, LayerNorm2d
-from samkit.modeling.transformer import ImageProjections, TwoWayTransformer
+from samkit.modeling.shared_image import ImageCache, two_way_shared_image, upscale_shared_image
+from samkit.modeling.transformer import TwoWayTransformer
 
 
 class MaskDecoder(nn.Module):
@@ -57,7 +58,7 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
-        first_layer_proj: ImageProjections | None = None,
+        image_cache: ImageCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
@@ -67,26 +68,28 @@ class MaskDecoder(nn.Module):
             sparse_prompt_embeddings: ``B x N x C``.
             dense_prompt_embeddings: ``B x C x H x W``.
             multimask_output: return the 3 ambiguity masks (tokens 1..3) instead of token 0.
-            first_layer_proj: from :meth:`image_projections` for this image and a shared dense
-                prompt (no mask input), to skip recomputing prompt-independent work.
+            image_cache: from :meth:`image_cache` for this image and the shared "no mask"
+                dense prompt: the prompts then share all image-sized work (same outputs up to
+                float rounding; ``image_embeddings`` and the dense prompt are not read again).
 
         Returns:
             mask logits ``B x M x 4H x 4W`` and IoU predictions ``B x M``, M = 3 or 1.
         """
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-            first_layer_proj,
+            image_cache,
         )
         selected = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, selected], iou_pred[:, selected]
 
-    def image_projections(
+    def image_cache(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt: torch.Tensor
-    ) -> ImageProjections:
-        """Prompt-independent first-layer work for one image (``1 x C x H x W``) under a dense
-        prompt shared by all prompts (the "no mask" embedding): compute once, pass to
-        :meth:`forward` for each prompt batch."""
-        return self.transformer.first_layer_projections(image_embeddings + dense_prompt[:1], image_pe)
+    ) -> ImageCache:
+        """Prompt-independent work for one image (``1 x C x H x W``) under a dense prompt
+        shared by all its prompts (the "no mask" embedding): create once per image, pass to
+        :meth:`forward` with each prompt batch; it fills on first use."""
+        src = (image_embeddings + dense_prompt[:1]).flatten(2).transpose(1, 2)
+        return ImageCache(src, image_pe.flatten(2).transpose(1, 2))
 
     def predict_masks(
         self,
@@ -94,7 +97,7 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
-        first_layer_proj: ImageProjections | None = None,
+        image_cache: ImageCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All ``num_mask_tokens`` masks and IoU scores (see :meth:`forward`)."""
         batch = sparse_prompt_embeddings.shape[0]
@@ -102,19 +105,21 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1
         )
-        # With no mask prompt the dense embedding is one vector broadcast (stride 0) over the
-        # batch, so the image side is the same for every prompt: keep it at batch 1 and let the
-        # transformer run the shared work once (it diverges per prompt only after the first
-        # image-to-token attention).
-        if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
-            dense_prompt_embeddings = dense_prompt_embeddings[:1]
-        src = image_embeddings + dense_prompt_embeddings
-        _, c, h, w = src.shape
-        hs, src = self.transformer(src, image_pe, tokens, first_layer_proj)
+        if image_cache is not None:
+            hs, image = two_way_shared_image(self.transformer, image_cache, tokens)
+            upscaled = upscale_shared_image(self.output_upscaling, image, image_pe.shape[-2:])
+        else:
+            # With no mask prompt the dense embedding is one vector broadcast (stride 0) over
+            # the batch, so the image side is the same for every prompt: keep it at batch 1
+            # and let attention broadcast it.
+            if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
+                dense_prompt_embeddings = dense_prompt_embeddings[:1]
+            src = image_embeddings + dense_prompt_embeddings
+            _, c, h, w = src.shape
+            hs, src = self.transformer(src, image_pe, tokens)
+            upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, c, h, w))
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, c, h, w))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,

@@ -7,21 +7,13 @@ channel-downsampled space (256 -> 128) to stay cheap on the 4096 image tokens.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from samkit.modeling.common import MLPBlock
-
-
-class ImageProjections(NamedTuple):
-    """Projections of the image tokens used by one two-way block (``B x HW x C/2`` each)."""
-
-    token_to_image_k: torch.Tensor
-    token_to_image_v: torch.Tensor
-    image_to_token_q: torch.Tensor
 
 
 class TwoWayTransformer(nn.Module):
@@ -51,32 +43,22 @@ class TwoWayTransformer(nn.Module):
         )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
-    def first_layer_projections(
-        self, image_embedding: torch.Tensor, image_pe: torch.Tensor
-    ) -> ImageProjections:
-        """Prompt-independent work of the first layer for ``image_embedding`` (``1 x C x H x W``,
-        already summed with a shared dense prompt), to pass to :meth:`forward` for every
-        prompt of that image."""
-        keys = image_embedding.flatten(2).transpose(1, 2)
-        return self.layers[0].image_projections(keys, image_pe.flatten(2).transpose(1, 2))
-
     def forward(
         self,
         image_embedding: torch.Tensor,
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
-        first_layer_proj: ImageProjections | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         The image side may have batch 1 while the tokens have batch B (one image, many
-        prompts): attention broadcasts, so shared work runs once until the image tokens first
-        depend on the prompt.
+        prompts): attention broadcasts. (For many prompts on one image,
+        ``shared_image.two_way_shared_image`` computes the same with the image-sized work
+        shared.)
 
         Args:
             image_embedding: ``B x C x H x W`` or ``1 x C x H x W``.
             image_pe: positional encoding, ``B x C x H x W`` or ``1 x C x H x W``.
             point_embedding: ``B x N x C`` output + prompt tokens (also their PE).
-            first_layer_proj: :meth:`first_layer_projections` of this image, if cached.
 
         Returns:
             tokens ``B x N x C`` and image tokens ``B x HW x C``.
@@ -84,9 +66,8 @@ class TwoWayTransformer(nn.Module):
         keys = image_embedding.flatten(2).transpose(1, 2)
         key_pe = image_pe.flatten(2).transpose(1, 2)
         queries = point_embedding
-        for i, layer in enumerate(self.layers):
-            proj = first_layer_proj if i == 0 else None
-            queries, keys = layer(queries, keys, point_embedding, key_pe, proj)
+        for layer in self.layers:
+            queries, keys = layer(queries, keys, point_embedding, key_pe)
         attn_out = self.final_attn_token_to_image(
             q=queries + point_embedding, k=keys + key_pe, v=keys
         )
@@ -121,47 +102,43 @@ class TwoWayAttentionBlock(nn.Module):
         # would double-count it.
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def image_projections(self, keys: torch.Tensor, key_pe: torch.Tensor) -> ImageProjections:
-        """The block's projections of the image tokens. They depend on the image only, so for
-        the first block (whose image tokens no prompt has touched yet) they can be computed
-        once per image and reused for every prompt."""
-        k = keys + key_pe
-        return ImageProjections(
-            token_to_image_k=self.cross_attn_token_to_image.k_proj(k),
-            token_to_image_v=self.cross_attn_token_to_image.v_proj(keys),
-            image_to_token_q=self.cross_attn_image_to_token.q_proj(k),
-        )
-
     def forward(
         self,
         queries: torch.Tensor,
         keys: torch.Tensor,
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
-        image_proj: ImageProjections | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        k = keys + key_pe
+        to_image = self.cross_attn_token_to_image
+        image_k, image_v = to_image.k_proj(k), to_image.v_proj(keys)
+        queries = self.update_tokens(
+            queries, query_pe, lambda q: to_image.attend(q, image_k, image_v)
+        )
+        to_token = self.cross_attn_image_to_token
+        attn_out = to_token.attend(to_token.q_proj(k), *self.token_keys_values(queries, query_pe))
+        return queries, self.norm4(keys + attn_out)
+
+    def update_tokens(self, queries: torch.Tensor, query_pe: torch.Tensor,
+                      attend_image: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Steps (1)-(3) on the tokens; ``attend_image(q)`` is step (2)'s attention of the
+        projected token queries over the image tokens."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q=q, k=q, v=queries)
         queries = self.norm1(queries)
-
-        if image_proj is None:
-            image_proj = self.image_projections(keys, key_pe)
         to_image = self.cross_attn_token_to_image
         q = to_image.q_proj(queries + query_pe)
-        queries = self.norm2(
-            queries + to_image.attend(q, image_proj.token_to_image_k, image_proj.token_to_image_v)
-        )
+        queries = self.norm2(queries + attend_image(q))
+        return self.norm3(queries + self.mlp(queries))
 
-        queries = self.norm3(queries + self.mlp(queries))
-
+    def token_keys_values(self, queries: torch.Tensor,
+                          query_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values of the tokens for step (4)."""
         to_token = self.cross_attn_image_to_token
-        q = queries + query_pe
-        attn_out = to_token.attend(image_proj.image_to_token_q, to_token.k_proj(q), to_token.v_proj(queries))
-        keys = self.norm4(keys + attn_out)
-        return queries, keys
+        return to_token.k_proj(queries + query_pe), to_token.v_proj(queries)
 
 
 class Attention(nn.Module):
@@ -178,7 +155,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(embedding_dim, internal_dim)
         self.out_proj = nn.Linear(internal_dim, embedding_dim)
 
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
@@ -189,7 +166,7 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention on already projected ``q, k, v`` (``B x N x internal_dim``), so callers
         can reuse projections that do not change between calls."""
-        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
         out = F.scaled_dot_product_attention(q, k, v)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, -1))

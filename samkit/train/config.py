@@ -25,6 +25,7 @@ from samkit.build import SamConfig, get_config
 from samkit.errors import SamkitError
 
 FINETUNE_MODES = ("full", "frozen_encoder")
+LOSS_RESOLUTIONS = ("input", "low")
 
 
 @dataclass
@@ -62,6 +63,10 @@ class TrainConfig:
     decay_fractions: tuple[float, ...] = (60_000 / 90_000, 86_666 / 90_000)  # lr / 10 at each
     layer_decay: float = 0.8  # layer-wise lr decay of the image encoder; 1.0 turns it off
     clip_grad: float = 0.0  # max global grad norm; 0 = no clipping
+    # Frame of the mask losses: "input" upsamples the low-res logits to the S x S input
+    # (sharp targets); "low" area-downsamples the targets to the 4x-embedding low-res
+    # logits instead (16x fewer loss pixels: the cheap choice for CPU runs).
+    loss_resolution: str = "input"
     amp: bool = True  # bf16 autocast, on CUDA only
 
     # --- run
@@ -86,6 +91,9 @@ class TrainConfig:
         """Raise a one-line :class:`SamkitError` for values that cannot work."""
         if self.finetune not in FINETUNE_MODES:
             raise SamkitError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        if self.loss_resolution not in LOSS_RESOLUTIONS:
+            raise SamkitError(f"loss_resolution must be one of {LOSS_RESOLUTIONS}, "
+                              f"got {self.loss_resolution!r}")
         for name in ("batch_size", "max_masks_per_image", "iterations", "log_interval",
                      "ckpt_interval"):
             if getattr(self, name) < 1:

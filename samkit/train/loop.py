@@ -109,7 +109,8 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        step_module = TrainStep(sam, cfg.finetune == "frozen_encoder", cfg.seed).train()
+        step_module = TrainStep(sam, cfg.finetune == "frozen_encoder", cfg.seed,
+                                cfg.loss_resolution).train()
         model: nn.Module = step_module
         if env.world_size > 1:
             # Some parameters sit out some steps (box-corner embeddings when every first

@@ -61,13 +61,16 @@ class StepTimer:
 
 
 class TrainStep(nn.Module):
-    """``forward(batch, step) -> StepOutput`` for the wrapped ``Sam``; ``seed`` is the run's."""
+    """``forward(batch, step) -> StepOutput`` for the wrapped ``Sam``; ``seed`` is the run's,
+    ``loss_resolution`` the frame of the losses (see ``TrainConfig.loss_resolution``)."""
 
-    def __init__(self, sam: Sam, frozen_encoder: bool, seed: int) -> None:
+    def __init__(self, sam: Sam, frozen_encoder: bool, seed: int,
+                 loss_resolution: str = "input") -> None:
         super().__init__()
         self.sam = sam
         self.frozen_encoder = frozen_encoder
         self.seed = seed
+        self.loss_resolution = loss_resolution
         self.timer = StepTimer(sam.device)
 
     def train(self, mode: bool = True) -> TrainStep:
@@ -117,8 +120,14 @@ class TrainStep(nn.Module):
             )
             schedule = torch.Generator().manual_seed(schedule_seed(self.seed, step))
             predictions = simulate_prompts(decode, gt, valid, random, schedule)
-            terms = [checkpoint(input_frame_loss, p.low_res, p.iou_pred, gt, valid,
-                                use_reentrant=False) for p in predictions]
+            if self.loss_resolution == "low":
+                low = predictions[0].low_res.shape[-1]
+                gt_low, valid_low = to_low_res(gt, low), to_low_res(valid, low)
+                terms = [prediction_loss(p.low_res, p.iou_pred, gt_low, valid_low)
+                         for p in predictions]
+            else:
+                terms = [checkpoint(input_frame_loss, p.low_res, p.iou_pred, gt, valid,
+                                    use_reentrant=False) for p in predictions]
             per_mask = torch.stack([t.total for t in terms]).mean(dim=0)  # over iterations
             # Each image weighs the same whatever its mask count; the divisor is the fixed
             # batch size, so DDP's gradient mean over processes is exactly the global mean.
@@ -140,6 +149,12 @@ def input_frame_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Te
     recomputing them in backward costs a few elementwise passes.
     """
     return prediction_loss(to_input_frame(low_res, gt.shape[-1]), iou_pred, gt, valid)
+
+
+def to_low_res(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """``M x S x S`` bool -> ``M x s x s`` bool: area-downsampled, then pixels at least half
+    covered (the targets of ``loss_resolution="low"``)."""
+    return F.interpolate(masks[:, None].float(), (size, size), mode="area")[:, 0] >= 0.5
 
 
 def schedule_seed(seed: int, step: int) -> int:

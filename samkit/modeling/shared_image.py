@@ -1,0 +1,245 @@
+"""Many prompts on one image: the mask decoder's exact computation, re-associated so that
+every image-sized matrix product is shared by all the prompts of that image.
+
+In the two-way transformer the image tokens ``X`` (``N x C``, N = 64 * 64) start as the image
+embedding ``E`` and change per prompt only by image-to-token attention outputs, which are low
+rank: a layer adds ``A V W_o + b_o`` with ``A`` the ``N x (heads * T)`` attention probabilities
+over the ``T`` prompt tokens. A LayerNorm scales each token by ``1/sigma`` and applies a fixed
+linear map (centring, then ``gamma``). So after any number of layers
+
+    X = a * (E H) + L R + c                                                       (1)
+
+with ``a`` (``N x 1``) and ``L`` (``N x K``) per prompt, ``R`` (``K x C``) small per prompt, and
+``H`` (``C x C``) and ``c`` (``C``) fixed by the weights. Any linear map ``M`` of ``X`` (attention
+projections, the upscaler's first transposed conv) is then ``a * E (H M) + L (R M) + c M``:
+the ``N x C x k`` product ``E (H M)`` depends on the image alone and is computed once per image
+(:class:`ImageCache`); per prompt only ``N x K x k`` remains, with ``K = heads * T`` per layer
+(56 for one point) instead of ``C = 256``. The LayerNorm statistics of (1) follow from the
+same shared products. Outputs equal the direct computation up to float rounding
+(``tests/test_shared_image.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from samkit.modeling.transformer import Attention, TwoWayTransformer
+
+
+class ImageCache:
+    """Products of one image's tokens with weight-derived matrices, computed on first use and
+    kept for every later prompt of the image (``src``, ``pe``: ``1 x N x C``)."""
+
+    def __init__(self, src: torch.Tensor, pe: torch.Tensor) -> None:
+        self.src = src
+        self.pe = pe
+        self._products: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, run on the first call for ``key`` only."""
+        if key not in self._products:
+            self._products[key] = compute()
+        return self._products[key]
+
+
+@dataclass
+class CrossTerm:
+    """A part ``Z W`` of ``L R`` in (1) with ``W`` weight-only: its products with the shared
+    ``E H`` (needed by the LayerNorm statistics) then come from the cache."""
+
+    coeff: torch.Tensor  # Z: B x N x m
+    weight: torch.Tensor  # W: m x C
+
+
+class ImageTokens:
+    """The image tokens of a batch of prompts in the form (1); see the module docstring."""
+
+    def __init__(self, cache: ImageCache) -> None:
+        self.cache = cache
+        self.scale: torch.Tensor | None = None  # a: B x N x 1 (None: all ones)
+        self.lhs: torch.Tensor | None = None  # L: B x N x K
+        self.rows: torch.Tensor | None = None  # R: B x K x C
+        self.cross_terms: list[CrossTerm] = []  # L R = sum of Z W over these
+        self.gammas: list[torch.Tensor] = []  # H = prod_i centre @ diag(gamma_i)
+        self.bias = torch.zeros_like(cache.src[0, 0])  # c: C
+        self.stage = ""  # names the cached products of the current layer
+
+    def _apply_h(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``H @ matrix`` without forming ``H``: centre and scale right to left."""
+        for gamma in reversed(self.gammas):
+            matrix = gamma[:, None] * matrix
+            matrix = matrix - matrix.mean(dim=0, keepdim=True)
+        return matrix
+
+    def _parts(self, key: str, weight: torch.Tensor, bias: torch.Tensor,
+               with_pe: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E (H W)`` and the prompt-independent rest ``(pe) W + c W + bias``, ``1 x N x k``
+        each, for ``X @ W`` (cached: ``c`` is weight-only too)."""
+        cache, name = self.cache, f"{self.stage}.{key}"
+        image = cache.get(name, lambda: cache.src @ self._apply_h(weight))
+
+        def constant() -> torch.Tensor:
+            rest = (self.bias @ weight + bias).expand_as(image)
+            return rest + cache.pe @ weight if with_pe else rest
+
+        return image, cache.get(f"{name}.const", constant)
+
+    def project(self, key: str, weight: torch.Tensor, bias: torch.Tensor,
+                with_pe: bool) -> torch.Tensor:
+        """``(X + pe) @ weight + bias`` or ``X @ weight + bias`` (``weight``: ``C x k``):
+        ``B x N x k``."""
+        image, const = self._parts(key, weight, bias, with_pe)
+        if self.scale is None:
+            out = self.cache.get(f"{self.stage}.{key}.sum", lambda: image + const)
+        else:
+            out = torch.addcmul(const, self.scale, image)
+        if self.lhs is not None:
+            out = torch.baddbmm(out, self.lhs, self.rows @ weight)
+        return out
+
+    def attend_tokens(self, attn: Attention, q: torch.Tensor) -> torch.Tensor:
+        """``attn.attend(q, k, v)`` for projected token queries ``q`` (``B x T x D``) with
+        ``k = attn.k_proj(X + pe)``, ``v = attn.v_proj(X)`` (``B x T x C``), without
+        materialising ``k`` or ``v``: the scores and weighted sums go through (1) instead."""
+        k_image, k_const = (attn.split_heads(t) for t in self._parts(
+            "k", attn.k_proj.weight.T, attn.k_proj.bias, with_pe=True))
+        v_image, v_const = (attn.split_heads(t) for t in self._parts(
+            "v", attn.v_proj.weight.T, attn.v_proj.bias, with_pe=False))
+        # einsum, not broadcasting matmul: that would copy the image side per prompt.
+        q = attn.split_heads(q)
+        q = q * q.shape[-1] ** -0.5  # B x h x T x d
+        if self.scale is None:
+            scores = torch.einsum("bhtd,hnd->bhtn", q, (k_image + k_const)[0])
+        else:
+            scale = self.scale.transpose(1, 2)[:, None]  # B x 1 x 1 x N
+            scores = torch.addcmul(torch.einsum("bhtd,hnd->bhtn", q, k_const[0]),
+                                   torch.einsum("bhtd,hnd->bhtn", q, k_image[0]), scale)
+        if self.lhs is not None:
+            rows_k = attn.split_heads(self.rows @ attn.k_proj.weight.T)  # B x h x K x d
+            scores = scores + torch.einsum("bhtk,bnk->bhtn", q @ rows_k.transpose(-1, -2),
+                                           self.lhs)
+        probs = torch.softmax(scores, dim=-1)
+        if self.scale is None:
+            out = torch.einsum("bhtn,hnd->bhtd", probs, (v_image + v_const)[0])
+        else:
+            out = (torch.einsum("bhtn,hnd->bhtd", probs * scale, v_image[0])
+                   + torch.einsum("bhtn,hnd->bhtd", probs, v_const[0]))
+        if self.lhs is not None:
+            rows_v = attn.split_heads(self.rows @ attn.v_proj.weight.T)
+            out = out + torch.einsum("bhtn,bnk->bhtk", probs, self.lhs) @ rows_v
+        b, _, t, _ = out.shape
+        return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def add_attention(self, attn: Attention, token_k: torch.Tensor,
+                      token_v: torch.Tensor) -> None:
+        """``X += attn.attend(attn.q_proj(X + pe), token_k, token_v)`` for projected token
+        keys and values (``B x T x D``)."""
+        heads = attn.num_heads
+        k, v = attn.split_heads(token_k), attn.split_heads(token_v)  # B x h x T x d
+        k = k * k.shape[-1] ** -0.5
+        q_image, q_const = (attn.split_heads(t) for t in self._parts(
+            "q", attn.q_proj.weight.T, attn.q_proj.bias, with_pe=True))
+        if self.scale is None:
+            scores = torch.einsum("hnd,bhtd->bhnt", (q_image + q_const)[0], k)  # B x h x N x T
+        else:
+            scores = torch.addcmul(torch.einsum("hnd,bhtd->bhnt", q_const[0], k),
+                                   torch.einsum("hnd,bhtd->bhnt", q_image[0], k),
+                                   self.scale[:, None])
+        if self.lhs is not None:
+            rows_q = attn.split_heads(self.rows @ attn.q_proj.weight.T)  # B x h x K x d
+            scores = scores + torch.einsum("bnk,bhkt->bhnt", self.lhs,
+                                           rows_q @ k.transpose(-1, -2))
+        probs = torch.softmax(scores, dim=-1)
+        b, _, n, t = probs.shape
+        out_weight = attn.out_proj.weight.T  # D x C
+        per_head = out_weight.reshape(heads, -1, out_weight.shape[-1])  # h x d x C
+        lhs = probs.permute(0, 2, 1, 3).reshape(b, n, heads * t)
+        rows = torch.einsum("bhtd,hdc->bhtc", v, per_head).reshape(b, heads * t, -1)
+        self._append(lhs, rows, CrossTerm((probs @ v).transpose(1, 2).reshape(b, n, -1),
+                                          out_weight))
+        self.bias = self.bias + attn.out_proj.bias
+
+    def _append(self, lhs: torch.Tensor, rows: torch.Tensor, term: CrossTerm) -> None:
+        self.lhs = lhs if self.lhs is None else torch.cat([self.lhs, lhs], dim=2)
+        self.rows = rows if self.rows is None else torch.cat([self.rows, rows], dim=1)
+        self.cross_terms.append(term)
+
+    def layer_norm(self, norm: nn.LayerNorm) -> None:
+        """``X = norm(X)``: per-token statistics of (1), then the fixed map folded in."""
+        assert self.lhs is not None and self.rows is not None  # after an attention
+        c = self.bias.shape[0]
+        bias_c = self.bias - self.bias.mean()
+        src = self.cache.src
+        centring = torch.eye(c, dtype=src.dtype, device=src.device) - 1.0 / c
+        centred = self.cache.get(f"{self.stage}.centred", lambda: src @ self._apply_h(centring))
+        centred_sq = self.cache.get(f"{self.stage}.centred_sq",
+                                    lambda: (centred * centred).sum(-1, keepdim=True))
+        scale = 1.0 if self.scale is None else self.scale
+        # |X - mean(X)|^2 per token, expanded over the parts of (1).
+        lhs, rows_c = self.lhs, self.rows - self.rows.mean(dim=-1, keepdim=True)
+        sq = ((lhs @ (rows_c @ rows_c.transpose(1, 2))) * lhs).sum(-1, keepdim=True)
+        sq = sq + 2 * lhs @ (rows_c @ bias_c)[..., None]
+        image_part = centred_sq * scale + 2 * (centred @ bias_c)[..., None]
+        for i, term in enumerate(self.cross_terms):
+            weight_c = term.weight - term.weight.mean(dim=-1, keepdim=True)
+            cross = self.cache.get(f"{self.stage}.cross{i}",  # E H C W^T
+                                   lambda w=weight_c: centred @ w.T)
+            image_part = image_part + 2 * (cross * term.coeff).sum(-1, keepdim=True)
+        sq = sq + scale * image_part + bias_c @ bias_c
+        inv_std = torch.rsqrt(sq / c + norm.eps)
+
+        gamma = norm.weight
+        self.lhs = inv_std * lhs
+        self.rows = rows_c * gamma
+        for term in self.cross_terms:
+            term.coeff = inv_std * term.coeff
+            term.weight = (term.weight - term.weight.mean(dim=-1, keepdim=True)) * gamma
+        # The centred bias, now scaled per token, becomes a rank-1 term.
+        bias_row = (bias_c * gamma)[None]
+        self._append(inv_std, bias_row.expand(inv_std.shape[0], 1, c),
+                     CrossTerm(inv_std, bias_row))
+        self.scale = inv_std if self.scale is None else inv_std * self.scale
+        self.gammas.append(gamma)
+        self.bias = norm.bias
+
+
+def two_way_shared_image(
+    transformer: TwoWayTransformer, cache: ImageCache, point_embedding: torch.Tensor
+) -> tuple[torch.Tensor, ImageTokens]:
+    """:meth:`TwoWayTransformer.forward` for ``B`` prompts of the cached image: tokens
+    ``B x T x C`` and the image tokens in the form (1)."""
+    image = ImageTokens(cache)
+    queries, query_pe = point_embedding, point_embedding
+    for i, layer in enumerate(transformer.layers):
+        image.stage = f"layer{i}"
+        queries = layer.update_tokens(
+            queries, query_pe, partial(image.attend_tokens, layer.cross_attn_token_to_image)
+        )
+        image.add_attention(layer.cross_attn_image_to_token,
+                            *layer.token_keys_values(queries, query_pe))
+        image.layer_norm(layer.norm4)
+    image.stage = "final"
+    final = transformer.final_attn_token_to_image
+    attn_out = image.attend_tokens(final, final.q_proj(queries + query_pe))
+    return transformer.norm_final_attn(queries + attn_out), image
+
+
+def upscale_shared_image(upscaling: nn.Sequential, image: ImageTokens,
+                         size: tuple[int, int]) -> torch.Tensor:
+    """``upscaling`` (transposed conv 2x2/2, LayerNorm2d, GELU, ...) on the image tokens
+    (``h x w = size``). The first conv maps each token to its own 2 x 2 output patch, so it is
+    a linear map of (1): ``B x C' x 2h x 2w`` goes into the rest of ``upscaling``."""
+    conv = upscaling[0]
+    assert isinstance(conv, nn.ConvTranspose2d) and conv.stride == conv.kernel_size == (2, 2)
+    c_in, c_out = conv.weight.shape[:2]
+    image.stage = "upscale"
+    patches = image.project("conv", conv.weight.reshape(c_in, -1),  # B x N x (C' * 2 * 2)
+                            conv.bias.repeat_interleave(4), with_pe=False)
+    b, (h, w) = patches.shape[0], size
+    x = patches.reshape(b, h, w, c_out, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return upscaling[1:](x.reshape(b, c_out, 2 * h, 2 * w))
