@@ -1,6 +1,9 @@
 """samkit vs the official ``segment_anything`` code: same random vit_b weights, same process.
 
-Run by hand (never in CI):  python benchmarks/speed.py [--reps 3] [--threads 2]
+Run by hand (never in CI):  python benchmarks/speed.py [--reps 3] [--threads 2] [--keep-freed-memory]
+
+``--keep-freed-memory`` applies ``samkit.runtime.keep_freed_memory()`` (what the ``samkit``
+command does for itself) to the whole process, so to both the official and samkit's paths.
 
 Each row times the official path and samkit's path alternately (so machine noise hits both),
 reports medians, the ratio, and the accuracy of samkit's output against the official one.
@@ -25,6 +28,7 @@ from official import SHARED, official_package, official_sam  # noqa: E402
 from samkit import SamPredictor  # noqa: E402
 from samkit.build import build_sam  # noqa: E402
 from samkit.images import load_image  # noqa: E402
+from samkit.runtime import keep_freed_memory  # noqa: E402
 
 
 def alternate(fn_a: Callable[[], object], fn_b: Callable[[], object], reps: int) -> tuple[float, float]:
@@ -52,7 +56,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per path")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc malloc keeps freed memory (both paths)")
     args = parser.parse_args()
+    kept = args.keep_freed_memory and keep_freed_memory()
+    allocator = "glibc malloc keeps freed memory" if kept else "glibc malloc defaults"
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -92,7 +100,7 @@ def main() -> None:
     rows.append(("64 boxes: 64 official calls vs 1 batched call", t_off, t_ours, f"logits {worst:.1e} (first 8)"))
 
     print(f"\nvit_b random weights, {h}x{w} photo, torch {torch.__version__}, {args.threads} threads, "
-          f"median of {args.reps}+ runs\n")
+          f"median of {args.reps}+ runs, {allocator}\n")
     print("| path | official | samkit | speed-up | samkit vs official |")
     print("|---|---:|---:|---:|---|")
     for name, a, b, acc in rows:

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from samkit.errors import SamkitError
+from samkit.runtime import keep_freed_memory
 
 # Modules that contribute sub-commands, imported lazily so `samkit --help` stays fast.
 COMMAND_MODULES = ("samkit.segment", "samkit.everything", "samkit.train", "samkit.weights", "samkit.eval", "samkit.engine", "samkit.onnx_export")
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # see samkit/runtime.py: the encoder's big buffers stay mapped
     try:
         return int(args.func(args) or 0)
     except SamkitError as err:

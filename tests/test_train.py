@@ -19,6 +19,7 @@ from PIL import Image
 
 from samkit.build import build_sam_from_config, load_state_dict
 from samkit.cli import main as samkit_main
+from samkit.errors import SamkitError
 from samkit.train.config import TrainConfig, load_config
 from samkit.train.data import AugmentConfig, TrainDataset, collate, open_source
 from samkit.train.loop import read_metrics, train
@@ -191,3 +192,28 @@ def test_cli_set_and_data_overrides(shapes: Path, tmp_path: Path) -> None:
     saved = load_config(out / "config.yaml")
     assert saved.data == [str(shapes)] and saved.max_steps == 1
     assert samkit_main(["train", "--config", str(cfg_path), "--set", "batch_size=0"]) == 2
+
+
+def test_low_res_loss_tracks_input_frame_loss(shapes: Path, tmp_path: Path) -> None:
+    """``loss_resolution="low"`` scores the same predictions against area-downsampled
+    targets: close to the input-frame loss, with gradients, and no finer than the logits."""
+    cfg = run_config(shapes, tmp_path, batch_size=2, scale_range=(1.0, 1.0), hflip=False)
+    sam = build_sam_from_config(cfg.model_config())
+    dataset = TrainDataset([open_source(str(shapes))], AugmentConfig(SIZE, (1.0, 1.0), hflip=False),
+                           seed=3)
+    batch = collate([dataset[(0, i)] for i in range(2)], SIZE)
+    outs = {}
+    for resolution in ("input", "low"):
+        torch.manual_seed(0)
+        step = TrainStep(sam, frozen_encoder=False, seed=5, loss_resolution=resolution).train()
+        outs[resolution] = step(batch, 0)
+    low, full = outs["low"].loss, outs["input"].loss
+    assert low.requires_grad and torch.isfinite(low)
+    assert abs(low.item() - full.item()) <= 0.15 * full.item(), (low.item(), full.item())
+    (grad,) = torch.autograd.grad(low, sam.mask_decoder.iou_token.weight)
+    assert grad.abs().sum() > 0
+
+
+def test_loss_resolution_is_validated() -> None:
+    with pytest.raises(SamkitError, match="loss_resolution"):
+        TrainConfig(loss_resolution="full")
