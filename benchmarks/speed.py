@@ -37,10 +37,14 @@ def alternate(fn_a: Callable[[], object], fn_b: Callable[[], object], reps: int)
     times_a, times_b = [], []
     for _ in range(reps):
         for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            times.append(timed(fn))
     return statistics.median(times_a), statistics.median(times_b)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def test_photo() -> np.ndarray:
@@ -56,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions per path")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[],
+                        help="also time samkit's 64 boxes at these decode_chunk_size values")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="glibc malloc keeps freed memory (both paths)")
     args = parser.parse_args()
@@ -78,6 +84,18 @@ def main() -> None:
         diff = (official_model.image_encoder(x) - ours.image_encoder(x)).abs().max().item()
     rows.append(("image encoder, 1x1024² fp32", t_off, t_ours, f"max abs diff {diff:.1e}"))
 
+    # bf16 autocast encoder (samkit option) vs the official fp32 encoder; accuracy vs fp32.
+    bf16 = SamPredictor(ours, encoder_dtype=torch.bfloat16)
+    t_off, t_bf16 = alternate(lambda: theirs.set_image(image), lambda: bf16.set_image(image), args.reps)
+    mine.set_image(image)
+    point = np.array([[w * 0.5, h * 0.5]])
+    m32, _, _ = mine.predict(point, np.array([1]))
+    m16, _, _ = bf16.predict(point, np.array([1]))
+    rel = ((bf16.features - mine.features).norm() / mine.features.norm()).item()
+    iou = min((a & b).sum() / max((a | b).sum(), 1) for a, b in zip(m32, m16, strict=True))
+    rows.append(("set_image: official fp32 vs samkit bf16 autocast", t_off, t_bf16,
+                 f"embedding rel. error {rel:.1e}, 1-point mask IoU vs fp32 {iou:.3f}"))
+
     theirs.set_image(image)
     mine.set_image(image)
     point, label = np.array([[w * 0.5, h * 0.5]]), np.array([1])
@@ -98,6 +116,12 @@ def main() -> None:
     _, s_batch, l_batch = mine.predict_batch(boxes=boxes)
     worst = max(np.abs(theirs.predict(box=b)[2] - l_batch[i].numpy()).max() for i, b in enumerate(boxes[:8]))
     rows.append(("64 boxes: 64 official calls vs 1 batched call", t_off, t_ours, f"logits {worst:.1e} (first 8)"))
+    default_chunk = mine.decode_chunk_size
+    for chunk in args.chunk_sizes:
+        mine.decode_chunk_size = chunk
+        t_chunk = min(timed(lambda: mine.predict_batch(boxes=boxes)) for _ in range(max(args.reps, 2)))
+        print(f"samkit 64 boxes, decode_chunk_size={chunk}: {t_chunk * 1e3:.0f} ms (best of {max(args.reps, 2)})")
+    mine.decode_chunk_size = default_chunk
 
     print(f"\nvit_b random weights, {h}x{w} photo, torch {torch.__version__}, {args.threads} threads, "
           f"median of {args.reps}+ runs, {allocator}\n")

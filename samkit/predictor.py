@@ -36,11 +36,15 @@ class EmbeddedImage:
 class SamPredictor:
     """Computes image embeddings once and decodes prompts against them."""
 
-    def __init__(self, sam_model: Sam, encode_batch_size: int = 4, decode_chunk_size: int = 4) -> None:
+    def __init__(self, sam_model: Sam, encode_batch_size: int = 4, decode_chunk_size: int = 4,
+                 encoder_dtype: torch.dtype | None = None) -> None:
+        """``encoder_dtype=torch.bfloat16`` runs the image encoder under bf16 autocast (CPUs
+        with AVX-512 BF16 / AMX, and GPUs); embeddings are returned in fp32 either way."""
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_size)
         self.encode_batch_size = encode_batch_size
         self.decode_chunk_size = decode_chunk_size
+        self.encoder_dtype = encoder_dtype
         self.images: list[EmbeddedImage] = []
         self.reset_image()
 
@@ -97,7 +101,10 @@ class SamPredictor:
     @torch.inference_mode()
     def _encode(self, images: list[torch.Tensor]) -> torch.Tensor:
         batch = torch.stack([self.model.preprocess(im) for im in images])
-        return self.model.image_encoder(batch)
+        if self.encoder_dtype is None:
+            return self.model.image_encoder(batch)
+        with torch.autocast(self.device.type, dtype=self.encoder_dtype):
+            return self.model.image_encoder(batch).float()
 
     def _set_embedded(self, embedded: list[EmbeddedImage]) -> None:
         self.reset_image()
@@ -215,20 +222,8 @@ class SamPredictor:
         self._require_image()
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-        # Each prompt carries its own 4096-token copy of the image side through the decoder;
-        # a few prompts at a time keep those in cache (64 boxes on 2 cores: 6.8 s in one
-        # batch, 2.0 s in chunks of 4, same outputs).
-        chunks = [
-            self.decode(
-                sparse[i : i + self.decode_chunk_size],
-                dense[i : i + self.decode_chunk_size],
-                multimask_output,
-                shared_dense=mask_input is None,
-            )
-            for i in range(0, sparse.shape[0], self.decode_chunk_size)
-        ]
-        low_res = torch.cat([c[0] for c in chunks])
-        scores = torch.cat([c[1] for c in chunks])
+        low_res, scores = self.decode(sparse, dense, multimask_output,
+                                      shared_dense=mask_input is None)
         assert self.input_size is not None and self.original_size is not None
         masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
@@ -243,7 +238,9 @@ class SamPredictor:
         multimask_output: bool,
         shared_dense: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask decoder on encoded prompts for the current image: low-res logits and IoU.
+        """Mask decoder on encoded prompts for the current image: low-res logits and IoU,
+        decoded ``decode_chunk_size`` prompts at a time so that each prompt's image-sized
+        tensors stay in cache (``benchmarks/speed.py --chunk-sizes`` compares sizes).
 
         ``shared_dense``: the dense prompt is the "no mask" embedding (no mask input), so all
         image-sized work of the decoder is the same for every prompt of this image: it is
@@ -259,7 +256,13 @@ class SamPredictor:
                     self._current.features, self._dense_pe, dense
                 )
             cache = self._current.no_mask_cache
-        return decoder(self.features, self._dense_pe, sparse, dense, multimask_output, cache)
+        step = self.decode_chunk_size
+        chunks = [
+            decoder(self.features, self._dense_pe, sparse[i : i + step], dense[i : i + step],
+                    multimask_output, cache)
+            for i in range(0, sparse.shape[0], step)
+        ]
+        return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
 
     # ------------------------------------------------------------------ validation
     def _require_image(self) -> None:

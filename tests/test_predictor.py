@@ -133,3 +133,16 @@ def test_model_stays_trainable() -> None:
     low_res, iou = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
     (low_res.mean() + iou.mean()).backward()
     assert model.image_encoder.patch_embed.seq[0].c.weight.grad is not None
+
+
+def test_bf16_encoder_autocast_stays_close_to_fp32() -> None:
+    """``encoder_dtype=torch.bfloat16``: embeddings in fp32 dtype, within bf16 rounding."""
+    torch.manual_seed(0)
+    model = build_sam("vit_t").eval()
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    exact, fast = SamPredictor(model), SamPredictor(model, encoder_dtype=torch.bfloat16)
+    exact.set_image(image)
+    fast.set_image(image)
+    assert fast.features.dtype == torch.float32
+    rel = (fast.features - exact.features).norm() / exact.features.norm()
+    assert 0 < rel < 0.05  # bf16 did run (not bit-equal), and stayed close
