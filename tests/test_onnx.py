@@ -258,3 +258,33 @@ def test_missing_export_package_is_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "onnxscript (torch's ONNX exporter)" in err[0] and "samkit[onnx]" in err[0]
+
+
+def test_eval_points_compares_pytorch_bf16_and_onnx(tiny: tuple[Sam, Path],
+                                                     tmp_path: Path) -> None:
+    """``samkit eval points --bf16 --onnx DIR``: one run scores the PyTorch model, its bf16
+    encoder path and both exported graph pairs with the same clicks."""
+    grabcut = Path(__file__).resolve().parents[2] / "shared" / "data" / "grabcut"
+    if not grabcut.is_dir():
+        pytest.skip(f"shared dataset grabcut absent (expected at {grabcut})")
+    _, out = tiny
+    res = tmp_path / "res.json"
+    argv = ["eval", "points", "--data", str(grabcut), "--limit", "2", "--max-clicks", "2",
+            "--checkpoint", str(out.parent / "random.safetensors"), "--bf16",
+            "--onnx", str(out), "--json", str(res)]
+    assert cli.main(argv) == 0
+    methods = json.loads(res.read_text())["datasets"][0]["methods"]
+    assert set(methods) == {"samkit-tiny", "samkit-tiny (bf16 encoder)", "onnx fp32",
+                            "onnx int8"}
+    torch_run, onnx_run = methods["samkit-tiny"], methods["onnx fp32"]
+    for click in ("1", "2"):
+        assert abs(torch_run["miou"][click] - onnx_run["miou"][click]) < 1e-3
+    assert abs(torch_run["box_miou"] - onnx_run["box_miou"]) < 1e-3
+
+
+def test_eval_onnx_folder_must_hold_an_export(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "points", "--data", str(tmp_path), "--onnx", str(tmp_path),
+            "--json", str(tmp_path / "r.json")]
+    assert cli.main(argv) == 2
+    assert "no decoder.onnx" in capsys.readouterr().err

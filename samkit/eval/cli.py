@@ -45,6 +45,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                               "at 1/2/3/5/9 clicks, NoC@85/90, box mIoU")
     points.add_argument("--max-clicks", type=int, default=20, metavar="N",
                         help="click budget; NoC is capped at N (default 20)")
+    points.add_argument("--bf16", action="store_true",
+                        help="also evaluate the model with its image encoder under bf16 "
+                        "autocast (the accuracy cost of the fast path)")
+    points.add_argument("--onnx", type=Path, metavar="DIR",
+                        help="also evaluate the graphs in this `samkit export-onnx` folder "
+                        "(fp32, and int8 when exported)")
     edges = _protocol_parser(protocols, "edges", "BSDS500 edge detection: ODS, OIS, AP, R50")
     edges.add_argument("--points-per-side", type=int, default=16, metavar="N",
                        help="point grid (default 16: 768 masks)")
@@ -146,6 +152,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SamkitError("--no-model needs at least one --baseline")
     if getattr(args, "detections", None) is not None and not args.detections.is_file():
         raise SamkitError(f"detections file not found: {args.detections}")
+    onnx = getattr(args, "onnx", None)
+    if onnx is not None and not (onnx / "decoder.onnx").is_file():
+        raise SamkitError(f"no decoder.onnx in {onnx} (write one with samkit export-onnx)")
 
 
 def _check_dependencies(protocol: str) -> None:
@@ -231,11 +240,18 @@ def _dataset_entries(
 def _points(
     args: argparse.Namespace, datasets: list[Any], model: Any, info: Any, log: Any
 ) -> list[dict[str, Any]]:
+    import torch
+
     from samkit.eval.grabcut import GrabCutPredictor
     from samkit.eval.points import run_points
-    from samkit.eval.predictors import SamPromptPredictor
+    from samkit.eval.predictors import SamPromptPredictor, onnx_predictors
 
     predictors: list[Any] = [] if model is None else [SamPromptPredictor(model, info["name"])]
+    if model is not None and args.bf16:
+        predictors.append(SamPromptPredictor(model, f"{info['name']} (bf16 encoder)",
+                                             encoder_dtype=torch.bfloat16))
+    if args.onnx is not None:
+        predictors += onnx_predictors(args.onnx)
     if "grabcut" in args.baseline:
         predictors.append(GrabCutPredictor())
     return run_points(datasets, predictors, log, args.max_clicks)

@@ -8,6 +8,7 @@ same harness and metrics as the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -67,11 +68,12 @@ class PromptPredictor(Protocol):
 
 
 class SamPromptPredictor:
-    """:class:`~samkit.predictor.SamPredictor` behind the :class:`PromptPredictor` interface."""
+    """:class:`~samkit.predictor.SamPredictor` behind the :class:`PromptPredictor` interface
+    (``encoder_dtype``: see :class:`~samkit.predictor.SamPredictor`)."""
 
-    def __init__(self, model: Sam, name: str) -> None:
+    def __init__(self, model: Sam, name: str, encoder_dtype: torch.dtype | None = None) -> None:
         self.name = name
-        self.predictor = SamPredictor(model)
+        self.predictor = SamPredictor(model, encoder_dtype=encoder_dtype)
 
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
@@ -90,3 +92,46 @@ class SamPromptPredictor:
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.float().cpu().numpy()
+
+
+class OnnxPromptPredictor:
+    """An exported encoder/decoder pair (:class:`~samkit.onnx_predictor.OnnxSamPredictor`)
+    behind the :class:`PromptPredictor` interface; the decoder graph takes one prompt set per
+    run, so a batch is decoded prompt by prompt."""
+
+    def __init__(self, encoder: Path, decoder: Path, name: str) -> None:
+        from samkit.onnx_predictor import OnnxSamPredictor
+
+        self.name = name
+        self.predictor = OnnxSamPredictor(encoder, decoder)
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.predictor.set_image(image)
+
+    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+        outputs = [
+            self.predictor.predict(
+                None if prompts.points is None else prompts.points[i],
+                None if prompts.labels is None else prompts.labels[i],
+                None if prompts.boxes is None else prompts.boxes[i],
+                None if prompts.mask_input is None else prompts.mask_input[i],
+                multimask_output=multimask,
+                return_logits=True,
+            )
+            for i in range(len(prompts))
+        ]
+        logits, scores, low_res = (np.stack(parts) for parts in zip(*outputs, strict=True))
+        return Prediction(logits, scores, low_res)
+
+
+def onnx_predictors(folder: Path) -> list[OnnxPromptPredictor]:
+    """The fp32 and (when exported) int8 graph pairs of a ``samkit export-onnx`` folder."""
+    from samkit.errors import SamkitError
+
+    pairs = [("encoder.onnx", "decoder.onnx", "onnx fp32"),
+             ("encoder.int8.onnx", "decoder.int8.onnx", "onnx int8")]
+    found = [OnnxPromptPredictor(folder / enc, folder / dec, name)
+             for enc, dec, name in pairs if (folder / enc).is_file() and (folder / dec).is_file()]
+    if not found:
+        raise SamkitError(f"no encoder.onnx + decoder.onnx in {folder} (samkit export-onnx)")
+    return found
