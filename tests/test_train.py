@@ -88,10 +88,13 @@ def subprocess_env() -> dict[str, str]:
     return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-def test_tiny_model_overfits_four_images(shapes: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss_resolution", ["input", "low"])
+def test_tiny_model_overfits_four_images(shapes: Path, tmp_path: Path,
+                                         loss_resolution: str) -> None:
     cfg = run_config(shapes, tmp_path, batch_size=4, iterations=60, lr=4e-3, warmup=5,
                      decay_fractions=(0.8,), layer_decay=1.0, drop_path=0.0,
-                     scale_range=(1.0, 1.0), hflip=False, log_interval=1)
+                     scale_range=(1.0, 1.0), hflip=False, log_interval=1,
+                     loss_resolution=loss_resolution)
     rows = train(cfg)
     sam = build_sam_from_config(cfg.model_config())
     sam.load_state_dict(load_state_dict(tmp_path / "model.safetensors"))

@@ -14,8 +14,9 @@ with ``a`` (``N x 1``) and ``L`` (``N x K``) per prompt, ``R`` (``K x C``) small
 projections, the upscaler's first transposed conv) is then ``a * E (H M) + L (R M) + c M``:
 the ``N x C x k`` product ``E (H M)`` depends on the image alone and is computed once per image
 (:class:`ImageCache`); per prompt only ``N x K x k`` remains, with ``K = heads * T`` per layer
-(56 for one point) instead of ``C = 256``. The LayerNorm statistics of (1) follow from the
-same shared products. Outputs equal the direct computation up to float rounding
+(56 for one point) instead of ``C = 256``. Token-to-image attention needs no image-sized
+keys or values at all: its scores and weighted sums go through (1) term by term. The
+LayerNorm statistics of (1) follow from the same shared products. Outputs equal the direct computation up to float rounding
 (``tests/test_shared_image.py``).
 """
 
