@@ -145,24 +145,26 @@ class ImageTokens:
         k = k * k.shape[-1] ** -0.5
         q_image, q_const = (attn.split_heads(t) for t in self._parts(
             "q", attn.q_proj.weight.T, attn.q_proj.bias, with_pe=True))
+        # Scores as B x h x T x N: softmax over T on this layout is ~20x faster on CPU than
+        # over a last dimension of T (= 7 for one point).
         if self.scale is None:
-            scores = torch.einsum("hnd,bhtd->bhnt", (q_image + q_const)[0], k)  # B x h x N x T
+            scores = torch.einsum("bhtd,hnd->bhtn", k, (q_image + q_const)[0])
         else:
-            scores = torch.addcmul(torch.einsum("hnd,bhtd->bhnt", q_const[0], k),
-                                   torch.einsum("hnd,bhtd->bhnt", q_image[0], k),
-                                   self.scale[:, None])
+            scores = torch.addcmul(torch.einsum("bhtd,hnd->bhtn", k, q_const[0]),
+                                   torch.einsum("bhtd,hnd->bhtn", k, q_image[0]),
+                                   self.scale.transpose(1, 2)[:, None])
         if self.lhs is not None:
             rows_q = attn.split_heads(self.rows @ attn.q_proj.weight.T)  # B x h x K x d
-            scores = scores + torch.einsum("bnk,bhkt->bhnt", self.lhs,
+            scores = scores + torch.einsum("bnk,bhkt->bhtn", self.lhs,
                                            rows_q @ k.transpose(-1, -2))
-        probs = torch.softmax(scores, dim=-1)
-        b, _, n, t = probs.shape
+        probs = torch.softmax(scores, dim=2)
+        b, _, t, n = probs.shape
         out_weight = attn.out_proj.weight.T  # D x C
         per_head = out_weight.reshape(heads, -1, out_weight.shape[-1])  # h x d x C
-        lhs = probs.permute(0, 2, 1, 3).reshape(b, n, heads * t)
+        lhs = probs.permute(0, 3, 1, 2).reshape(b, n, heads * t)
         rows = torch.einsum("bhtd,hdc->bhtc", v, per_head).reshape(b, heads * t, -1)
-        self._append(lhs, rows, CrossTerm((probs @ v).transpose(1, 2).reshape(b, n, -1),
-                                          out_weight))
+        coeff = torch.einsum("bhtn,bhtd->bnhd", probs, v).reshape(b, n, -1)
+        self._append(lhs, rows, CrossTerm(coeff, out_weight))
         self.bias = self.bias + attn.out_proj.bias
 
     def _append(self, lhs: torch.Tensor, rows: torch.Tensor, term: CrossTerm) -> None:
