@@ -16,8 +16,8 @@ the ``N x C x k`` product ``E (H M)`` depends on the image alone and is computed
 (:class:`ImageCache`); per prompt only ``N x K x k`` remains, with ``K = heads * T`` per layer
 (56 for one point) instead of ``C = 256``. Token-to-image attention needs no image-sized
 keys or values at all: its scores and weighted sums go through (1) term by term. The
-LayerNorm statistics of (1) follow from the same shared products. Outputs equal the direct computation up to float rounding
-(``tests/test_shared_image.py``).
+LayerNorm statistics of (1) follow from the same shared products. Outputs equal the direct
+computation up to float rounding (``tests/test_shared_image.py``).
 """
 
 from __future__ import annotations
@@ -90,13 +90,17 @@ class ImageTokens:
 
         return image, cache.get(f"{name}.const", constant)
 
+    def _unscaled(self, key: str, image: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+        """``image + const``, cached: all of ``X @ W`` while no prompt has touched ``X``."""
+        return self.cache.get(f"{self.stage}.{key}.sum", lambda: image + const)
+
     def project(self, key: str, weight: torch.Tensor, bias: torch.Tensor,
                 with_pe: bool) -> torch.Tensor:
         """``(X + pe) @ weight + bias`` or ``X @ weight + bias`` (``weight``: ``C x k``):
         ``B x N x k``."""
         image, const = self._parts(key, weight, bias, with_pe)
         if self.scale is None:
-            out = self.cache.get(f"{self.stage}.{key}.sum", lambda: image + const)
+            out = self._unscaled(key, image, const)
         else:
             out = torch.addcmul(const, self.scale, image)
         if self.lhs is not None:
@@ -115,7 +119,8 @@ class ImageTokens:
         q = attn.split_heads(q)
         q = q * q.shape[-1] ** -0.5  # B x h x T x d
         if self.scale is None:
-            scores = torch.einsum("bhtd,hnd->bhtn", q, (k_image + k_const)[0])
+            k = self._unscaled("k.heads", k_image, k_const)[0]
+            scores = torch.einsum("bhtd,hnd->bhtn", q, k)
         else:
             scale = self.scale.transpose(1, 2)[:, None]  # B x 1 x 1 x N
             scores = torch.addcmul(torch.einsum("bhtd,hnd->bhtn", q, k_const[0]),
@@ -126,7 +131,8 @@ class ImageTokens:
                                            self.lhs)
         probs = torch.softmax(scores, dim=-1)
         if self.scale is None:
-            out = torch.einsum("bhtn,hnd->bhtd", probs, (v_image + v_const)[0])
+            v = self._unscaled("v.heads", v_image, v_const)[0]
+            out = torch.einsum("bhtn,hnd->bhtd", probs, v)
         else:
             out = (torch.einsum("bhtn,hnd->bhtd", probs * scale, v_image[0])
                    + torch.einsum("bhtn,hnd->bhtd", probs, v_const[0]))
@@ -148,7 +154,8 @@ class ImageTokens:
         # Scores as B x h x T x N: softmax over T on this layout is ~20x faster on CPU than
         # over a last dimension of T (= 7 for one point).
         if self.scale is None:
-            scores = torch.einsum("bhtd,hnd->bhtn", k, (q_image + q_const)[0])
+            q = self._unscaled("q.heads", q_image, q_const)[0]
+            scores = torch.einsum("bhtd,hnd->bhtn", k, q)
         else:
             scores = torch.addcmul(torch.einsum("bhtd,hnd->bhtn", k, q_const[0]),
                                    torch.einsum("bhtd,hnd->bhtn", k, q_image[0]),
