@@ -248,6 +248,11 @@ class SamPredictor:
         """
         self._require_image()
         decoder = self.model.mask_decoder
+        if sparse.shape[0] == 0:  # no prompts (e.g. a detector found nothing): empty results
+            outputs = decoder.num_multimask_outputs if multimask_output else 1
+            h, w = self.features.shape[-2:]
+            empty = self.features.new_zeros(0, outputs, 4 * h, 4 * w)
+            return empty, self.features.new_zeros(0, outputs)
         cache = None
         if shared_dense:
             assert self._current is not None

@@ -146,3 +146,15 @@ def test_bf16_encoder_autocast_stays_close_to_fp32() -> None:
     assert fast.features.dtype == torch.float32
     rel = (fast.features - exact.features).norm() / exact.features.norm()
     assert 0 < rel < 0.05  # bf16 did run (not bit-equal), and stayed close
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_no_prompts_give_empty_results(multimask: bool) -> None:
+    """A batch of zero prompts (say, a detector found nothing) returns empty, shaped outputs."""
+    predictor = SamPredictor(build_sam("vit_t").eval())
+    predictor.set_image(np.zeros((64, 80, 3), np.uint8))
+    outputs = 3 if multimask else 1
+    masks, scores, low_res = predictor.predict_batch(boxes=np.zeros((0, 4)),
+                                                     multimask_output=multimask)
+    assert masks.shape == (0, outputs, 64, 80) and masks.dtype == torch.bool
+    assert scores.shape == (0, outputs) and low_res.shape == (0, outputs, 256, 256)
