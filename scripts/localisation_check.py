@@ -2,8 +2,8 @@
 
     python scripts/localisation_check.py runs/samkit-tiny/checkpoint.pt [--data DIR] [--limit 8]
 
-For the first ``--limit`` objects of a folder dataset (``images/`` + ``masks/``, default
-GrabCut), prompts the checkpoint's model with the object's box and with a point at its mask's
+For the objects of the first ``--limit`` images of a dataset ``samkit eval points`` reads
+(default GrabCut; ignore bands count as in the evaluation), prompts the checkpoint's model with the object's box and with a point at its mask's
 centroid, and prints per object the box / point IoU and the mean logit inside vs outside the
 object (for the point prompt's top-ranked mask). A model still on the "empty mask" plateau
 shows the same mean inside and outside; one that localises shows inside > outside well before
@@ -19,7 +19,8 @@ import numpy as np
 
 from samkit.build import build_sam, load_into, load_state_dict
 from samkit.errors import SamkitError
-from samkit.images import load_image
+from samkit.eval.clicks import mask_iou
+from samkit.eval.datasets import open_dataset
 from samkit.predictor import SamPredictor
 
 GRABCUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grabcut"
@@ -38,25 +39,27 @@ def main() -> None:
     predictor = SamPredictor(sam.eval())
 
     box_ious, point_ious = [], []
-    for image_path in sorted((args.data / "images").iterdir())[: args.limit]:
-        mask = load_image(args.data / "masks" / f"{image_path.stem}.png")
-        gt = (mask[..., 0] if mask.ndim == 3 else mask) > 128
-        ys, xs = np.nonzero(gt)
-        predictor.set_image(load_image(image_path))
-        box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
-        logits, _, _ = predictor.predict(box=box, multimask_output=False, return_logits=True)
-        box_ious.append(iou(logits[0] > 0, gt))
-        point = np.array([[xs.mean(), ys.mean()]])
-        logits, scores, _ = predictor.predict(point, np.array([1]), return_logits=True)
-        best = logits[int(scores.argmax())]
-        point_ious.append(iou(best > 0, gt))
-        print(f"{image_path.name}: box IoU {box_ious[-1]:.2f}, point IoU {point_ious[-1]:.2f}, "
-              f"mean logit inside {best[gt].mean():.2f} / outside {best[~gt].mean():.2f}")
+    for item in open_dataset(args.data, args.limit).items:
+        sample = item.load()
+        predictor.set_image(sample.image)
+        for index, obj in enumerate(sample.objects):
+            ys, xs = np.nonzero(obj.mask)
+            if len(xs) == 0:
+                continue
+            box = np.array([xs.min(), ys.min(), xs.max(), ys.max()])
+            logits, _, _ = predictor.predict(box=box, multimask_output=False,
+                                             return_logits=True)
+            box_ious.append(mask_iou(logits[0] > 0, obj.mask, obj.ignore))
+            point = np.array([[xs.mean(), ys.mean()]])
+            logits, scores, _ = predictor.predict(point, np.array([1]), return_logits=True)
+            best = logits[int(scores.argmax())]
+            point_ious.append(mask_iou(best > 0, obj.mask, obj.ignore))
+            print(f"{sample.name}#{index}: box IoU {box_ious[-1]:.2f}, point IoU "
+                  f"{point_ious[-1]:.2f}, mean logit inside {best[obj.mask].mean():.2f} / "
+                  f"outside {best[~obj.mask].mean():.2f}")
+    if not box_ious:
+        raise SamkitError(f"no objects in {args.data}")
     print(f"mean box IoU {np.mean(box_ious):.3f}, mean point IoU {np.mean(point_ious):.3f}")
-
-
-def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    return float((pred & gt).sum() / max((pred | gt).sum(), 1))
 
 
 if __name__ == "__main__":
