@@ -7,6 +7,34 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# Below this many rows a product is too small for the convolution route to pay (measured).
+_ONEDNN_MIN_ROWS = 256
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``; on the CPU, large products go through oneDNN as a 1 x 1 convolution.
+
+    PyTorch's CPU builds send fp32 ``linear``/``matmul`` to MKL's sgemm, which on AMD CPUs
+    runs at about half the speed of oneDNN's kernels (this machine, AMD EPYC: 150-200 vs
+    330-480 GFLOP/s for the encoder's shapes; ``benchmarks/speed.py`` shows the effect).
+    A ``... x C`` tensor viewed as a channels-last ``1 x C x 1 x rows`` image is a 1 x 1
+    convolution's input as it is: no copies, fp32 throughout, gradients as usual.
+    """
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.device.type != "cpu" or rows < _ONEDNN_MIN_ROWS or not x.is_contiguous():
+        return F.linear(x, weight, bias)
+    image = x.reshape(1, 1, rows, x.shape[-1]).permute(0, 3, 1, 2)
+    out = F.conv2d(image, weight[:, :, None, None], bias)
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) computed by :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel dimension of a ``B x C x H x W`` tensor (ConvNeXt style)."""
 
@@ -27,8 +55,8 @@ class MLPBlock(nn.Module):
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.lin1 = Linear(embedding_dim, mlp_dim)
+        self.lin2 = Linear(mlp_dim, embedding_dim)
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from samkit.modeling.common import DropPath, LayerNorm2d, MLPBlock
+from samkit.modeling.common import DropPath, LayerNorm2d, Linear, MLPBlock
 
 
 class ImageEncoderViT(nn.Module):
@@ -137,8 +137,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3)
+        self.proj = Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
@@ -216,7 +216,9 @@ def decomposed_rel_pos_bias(
     rw = get_rel_pos(qw, kw, rel_pos_w).to(q.dtype)
     b, n_heads, _, d = q.shape
     r_q = q.reshape(b, n_heads, qh, qw, d)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw)
+    # Contiguous terms make the (large) sum contiguous: from strided queries (a view of the
+    # qkv output) it would inherit a permuted layout and the reshape would copy all of it.
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).contiguous()
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).contiguous()
     bias = rel_h[..., :, None] + rel_w[..., None, :]
-    return bias.reshape(b, n_heads, qh * qw, kh * kw)
+    return bias.view(b, n_heads, qh * qw, kh * kw)

@@ -11,10 +11,11 @@ tokens 1..3 are the three "ambiguity" masks for a single point or box.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samkit.modeling.common import MLP, LayerNorm2d
-from samkit.modeling.shared_image import ImageCache, two_way_shared_image, upscale_shared_image
+from samkit.modeling.shared_image import ImageCache, two_way_shared_image
 from samkit.modeling.transformer import TwoWayTransformer
 
 
@@ -75,12 +76,12 @@ class MaskDecoder(nn.Module):
         Returns:
             mask logits ``B x M x 4H x 4W`` and IoU predictions ``B x M``, M = 3 or 1.
         """
+        selected = slice(1, None) if multimask_output else slice(0, 1)
         masks, iou_pred = self.predict_masks(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-            image_cache,
+            image_cache, selected,
         )
-        selected = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, selected], iou_pred[:, selected]
+        return masks, iou_pred[:, selected]
 
     def image_cache(
         self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt: torch.Tensor
@@ -98,16 +99,20 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         image_cache: ImageCache | None = None,
+        mask_tokens: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """All ``num_mask_tokens`` masks and IoU scores (see :meth:`forward`)."""
+        """The masks of the ``mask_tokens`` (default: all ``num_mask_tokens``) and all IoU
+        scores (see :meth:`forward`)."""
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat(
             [output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse_prompt_embeddings], dim=1
         )
+        conv_weight, conv_bias = _patch_linear(self.output_upscaling[0])
         if image_cache is not None:
             hs, image = two_way_shared_image(self.transformer, image_cache, tokens)
-            upscaled = upscale_shared_image(self.output_upscaling, image, image_pe.shape[-2:])
+            image.stage = "upscale"
+            patches = image.project("conv", conv_weight, conv_bias, with_pe=False)
         else:
             # With no mask prompt the dense embedding is one vector broadcast (stride 0) over
             # the batch, so the image side is the same for every prompt: keep it at batch 1
@@ -115,15 +120,51 @@ class MaskDecoder(nn.Module):
             if dense_prompt_embeddings.shape[0] > 1 and dense_prompt_embeddings.stride(0) == 0:
                 dense_prompt_embeddings = dense_prompt_embeddings[:1]
             src = image_embeddings + dense_prompt_embeddings
-            _, c, h, w = src.shape
             hs, src = self.transformer(src, image_pe, tokens)
-            upscaled = self.output_upscaling(src.transpose(1, 2).reshape(-1, c, h, w))
+            patches = F.linear(src, conv_weight.T, conv_bias)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        return masks, self.iou_prediction_head(iou_token_out)
+        mlps = list(enumerate(self.output_hypernetworks_mlps))[mask_tokens]
+        hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in mlps], dim=1)
+        pixels = self._upscale_patches(patches)
+        h, w = image_pe.shape[-2:]
+        masks = hyper_in @ pixels.transpose(1, 2)  # B x M x (h * w * 4 * 4)
+        return _patches_to_image(masks, h, w), self.iou_prediction_head(iou_token_out)
+
+    def _upscale_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The rest of ``output_upscaling`` after its first transposed conv, channels last.
+
+        Args:
+            patches: ``B x N x (4 * C')``, the first conv's 2 x 2 output patch of each of the
+                ``N`` image tokens (sub-pixel major, see :func:`_patch_linear`).
+
+        Returns:
+            ``B x (N * 16) x C''``: each token's 4 x 4 output pixels, ordered (token, first
+            conv's sub-pixel, second conv's sub-pixel). A 2 x 2 / stride 2 transposed conv
+            maps every pixel to its own patch, so in this layout both convs are plain matrix
+            products and the LayerNorm runs over a contiguous last axis, with no permutes.
+        """
+        _, norm, act1, conv, act2 = self.output_upscaling
+        b, n, _ = patches.shape
+        x = patches.view(b, n * 4, -1)
+        x = act1(F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps))
+        weight, bias = _patch_linear(conv)
+        x = act2(torch.baddbmm(bias, x, weight.expand(b, -1, -1)))
+        return x.view(b, n * 16, -1)
+
+
+def _patch_linear(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2 x 2 / stride 2 transposed conv as ``x @ weight + bias`` on channels-last pixels:
+    ``weight`` ``C_in x (4 * C_out)`` and ``bias`` ``4 * C_out``, output index
+    ``(2 * dy + dx) * C_out + c`` for the output pixel ``(2y + dy, 2x + dx)``."""
+    assert conv.kernel_size == conv.stride == (2, 2) and conv.padding == (0, 0)
+    c_in, c_out = conv.weight.shape[:2]
+    return conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out), conv.bias.repeat(4)
+
+
+def _patches_to_image(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``B x M x (h * w * 16)`` in the order of :meth:`MaskDecoder._upscale_patches` ->
+    ``B x M x 4h x 4w``: pixel (y, x) of token (i, j) is (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2)."""
+    b, m, _ = masks.shape
+    grid = masks.view(b, m, h, w, 2, 2, 2, 2)  # i, j, dy1, dx1, dy2, dx2
+    return grid.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, m, 4 * h, 4 * w)

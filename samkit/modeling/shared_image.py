@@ -238,18 +238,3 @@ def two_way_shared_image(
     attn_out = image.attend_tokens(final, final.q_proj(queries + query_pe))
     return transformer.norm_final_attn(queries + attn_out), image
 
-
-def upscale_shared_image(upscaling: nn.Sequential, image: ImageTokens,
-                         size: tuple[int, int]) -> torch.Tensor:
-    """``upscaling`` (transposed conv 2x2/2, LayerNorm2d, GELU, ...) on the image tokens
-    (``h x w = size``). The first conv maps each token to its own 2 x 2 output patch, so it is
-    a linear map of (1): ``B x C' x 2h x 2w`` goes into the rest of ``upscaling``."""
-    conv = upscaling[0]
-    assert isinstance(conv, nn.ConvTranspose2d) and conv.stride == conv.kernel_size == (2, 2)
-    c_in, c_out = conv.weight.shape[:2]
-    image.stage = "upscale"
-    patches = image.project("conv", conv.weight.reshape(c_in, -1),  # B x N x (C' * 2 * 2)
-                            conv.bias.repeat_interleave(4), with_pe=False)
-    b, (h, w) = patches.shape[0], size
-    x = patches.reshape(b, h, w, c_out, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return upscaling[1:](x.reshape(b, c_out, 2 * h, 2 * w))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.modeling.common import MLPBlock
+from samkit.modeling.common import Linear, MLPBlock
 
 
 class TwoWayTransformer(nn.Module):
@@ -150,10 +150,10 @@ class Attention(nn.Module):
         internal_dim = embedding_dim // downsample_rate
         if internal_dim % num_heads:
             raise ValueError("num_heads must divide embedding_dim / downsample_rate")
-        self.q_proj = nn.Linear(embedding_dim, internal_dim)
-        self.k_proj = nn.Linear(embedding_dim, internal_dim)
-        self.v_proj = nn.Linear(embedding_dim, internal_dim)
-        self.out_proj = nn.Linear(internal_dim, embedding_dim)
+        self.q_proj = Linear(embedding_dim, internal_dim)
+        self.k_proj = Linear(embedding_dim, internal_dim)
+        self.v_proj = Linear(embedding_dim, internal_dim)
+        self.out_proj = Linear(internal_dim, embedding_dim)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
