@@ -1,6 +1,10 @@
 """Throughput of ``samkit eval points``: objects per second at 5 clicks on GrabCut.
 
 Run by hand (never in CI):  python benchmarks/eval_points.py [--limit 50] [--model samkit-tiny]
+[--system-malloc]
+
+Like the ``samkit`` command (so ``samkit eval points``), it first makes glibc malloc keep freed
+memory (``samkit.runtime.keep_freed_memory``); ``--system-malloc`` measures without that.
 
 Per image: the embedding, the box prompt, click 1 (3 masks) and 4 refinement clicks with
 mask feedback, plus the click simulation and IoUs: everything ``eval points`` does for an
@@ -21,6 +25,7 @@ from samkit.build import DEFAULT_MODEL, build_sam
 from samkit.eval.datasets import open_dataset
 from samkit.eval.points import PointsEvaluator
 from samkit.eval.predictors import SamPromptPredictor
+from samkit.runtime import keep_freed_memory
 
 GRABCUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grabcut"
 
@@ -31,7 +36,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--clicks", type=int, default=5)
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc malloc's defaults (the samkit command does not)")
     args = parser.parse_args()
+    kept = not args.system_malloc and keep_freed_memory()
 
     torch.manual_seed(0)
     predictor = SamPromptPredictor(build_sam(args.model), args.model)
@@ -55,7 +63,8 @@ def main() -> None:
 
     total = sum(per_image)
     print(f"model {args.model}, torch threads {torch.get_num_threads()}, {len(samples)} images, "
-          f"{objects} objects, {args.clicks} clicks")
+          f"{objects} objects, {args.clicks} clicks, "
+          f"{'malloc keeps freed memory' if kept else 'glibc malloc defaults'}")
     print(f"evaluation: {objects / total:.2f} objects/s ({total:.1f} s; median "
           f"{statistics.median(per_image) * 1000:.0f} ms per image)")
     print(f"  of which embedding: {embed_s / len(samples) * 1000:.0f} ms per image "

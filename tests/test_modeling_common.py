@@ -45,6 +45,6 @@ def test_channels_last_upscaler_equals_the_conv_stack() -> None:
     reference = decoder.output_upscaling(src.transpose(1, 2).reshape(b, 64, h, w))
     expected = (hyper @ reference.flatten(2)).view(b, 3, 4 * h, 4 * w)
     weight, bias = _patch_linear(decoder.output_upscaling[0])
-    pixels = decoder._upscale_patches(src @ weight + bias)
+    pixels = decoder._upscale_patches(linear(src, weight, bias))
     masks = _patches_to_image(hyper @ pixels.transpose(1, 2), h, w)
     torch.testing.assert_close(masks, expected, rtol=1e-5, atol=1e-5)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.modeling.common import MLP, LayerNorm2d
+from samkit.modeling.common import MLP, LayerNorm2d, linear
 from samkit.modeling.shared_image import ImageCache, two_way_shared_image
 from samkit.modeling.transformer import TwoWayTransformer
 
@@ -112,7 +112,7 @@ class MaskDecoder(nn.Module):
         if image_cache is not None:
             hs, image = two_way_shared_image(self.transformer, image_cache, tokens)
             image.stage = "upscale"
-            patches = image.project("conv", conv_weight, conv_bias, with_pe=False)
+            patches = image.project("conv", conv_weight.T, conv_bias, with_pe=False)
         else:
             # With no mask prompt the dense embedding is one vector broadcast (stride 0) over
             # the batch, so the image side is the same for every prompt: keep it at batch 1
@@ -121,7 +121,7 @@ class MaskDecoder(nn.Module):
                 dense_prompt_embeddings = dense_prompt_embeddings[:1]
             src = image_embeddings + dense_prompt_embeddings
             hs, src = self.transformer(src, image_pe, tokens)
-            patches = F.linear(src, conv_weight.T, conv_bias)
+            patches = linear(src, conv_weight, conv_bias)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         mlps = list(enumerate(self.output_hypernetworks_mlps))[mask_tokens]
@@ -149,17 +149,17 @@ class MaskDecoder(nn.Module):
         x = patches.view(b, n * 4, -1)
         x = act1(F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps))
         weight, bias = _patch_linear(conv)
-        x = act2(torch.baddbmm(bias, x, weight.expand(b, -1, -1)))
+        x = act2(linear(x, weight, bias))
         return x.view(b, n * 16, -1)
 
 
 def _patch_linear(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """A 2 x 2 / stride 2 transposed conv as ``x @ weight + bias`` on channels-last pixels:
-    ``weight`` ``C_in x (4 * C_out)`` and ``bias`` ``4 * C_out``, output index
+    """A 2 x 2 / stride 2 transposed conv as ``linear(x, weight, bias)`` on channels-last
+    pixels: ``weight`` ``(4 * C_out) x C_in`` and ``bias`` ``4 * C_out``, output index
     ``(2 * dy + dx) * C_out + c`` for the output pixel ``(2y + dy, 2x + dx)``."""
     assert conv.kernel_size == conv.stride == (2, 2) and conv.padding == (0, 0)
     c_in, c_out = conv.weight.shape[:2]
-    return conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out), conv.bias.repeat(4)
+    return conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in), conv.bias.repeat(4)
 
 
 def _patches_to_image(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
