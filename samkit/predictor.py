@@ -225,9 +225,8 @@ class SamPredictor:
         low_res, scores = self.decode(sparse, dense, multimask_output,
                                       shared_dense=mask_input is None)
         assert self.input_size is not None and self.original_size is not None
-        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
+        threshold = None if return_logits else self.model.mask_threshold
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size, threshold)
         return masks, scores, low_res
 
     @torch.inference_mode()

@@ -50,11 +50,35 @@ class ImageCache:
 
 @dataclass
 class CrossTerm:
-    """A part ``Z W`` of ``L R`` in (1) with ``W`` weight-only: its products with the shared
-    ``E H`` (needed by the LayerNorm statistics) then come from the cache."""
+    """A part ``Z W`` of ``L R`` in (1) with ``W`` weight-only: an attention output before its
+    output projection, ``Z = s * sum_t P_t V_t`` per head. Its products with the shared
+    ``E H`` (needed by the LayerNorm statistics) then come from the cache, and ``Z`` itself
+    (``N x h*d`` per prompt) is never formed."""
 
-    coeff: torch.Tensor  # Z: B x N x m
-    weight: torch.Tensor  # W: m x C
+    probs: torch.Tensor  # P: B x h x T x N
+    values: torch.Tensor  # V: B x h x T x d
+    weight: torch.Tensor  # W: (h * d) x C
+    scale: torch.Tensor | None = None  # s: B x N x 1 (None: all ones)
+
+    @classmethod
+    def rank_one(cls, coeff: torch.Tensor, row: torch.Tensor) -> CrossTerm:
+        """``coeff row`` for ``coeff`` ``B x N x 1`` and ``row`` ``1 x C``."""
+        return cls(coeff.transpose(1, 2)[:, None], coeff.new_ones(1, 1, 1, 1), row)
+
+    def cross_layout(self, cross: torch.Tensor) -> torch.Tensor:
+        """``1 x N x (h*d)`` -> ``h x N x d``, the layout :meth:`image_dot` reads."""
+        heads = self.probs.shape[1]
+        return cross[0].view(cross.shape[1], heads, -1).transpose(0, 1).contiguous()
+
+    def image_dot(self, cross: torch.Tensor) -> torch.Tensor:
+        """Per token ``<Z_n, cross_n>`` (``cross`` from :meth:`cross_layout`): ``B x N x 1``."""
+        per_value = torch.einsum("bhtd,hnd->bhtn", self.values, cross)
+        dot = (self.probs * per_value).sum(dim=(1, 2)).unsqueeze(-1)
+        return dot if self.scale is None else dot * self.scale
+
+    def rescale(self, factor: torch.Tensor) -> None:
+        """``Z *= factor`` (``B x N x 1``)."""
+        self.scale = factor if self.scale is None else self.scale * factor
 
 
 class ImageTokens:
@@ -170,8 +194,7 @@ class ImageTokens:
         per_head = out_weight.reshape(heads, -1, out_weight.shape[-1])  # h x d x C
         lhs = probs.permute(0, 3, 1, 2).reshape(b, n, heads * t)
         rows = torch.einsum("bhtd,hdc->bhtc", v, per_head).reshape(b, heads * t, -1)
-        coeff = torch.einsum("bhtn,bhtd->bnhd", probs, v).reshape(b, n, -1)
-        self._append(lhs, rows, CrossTerm(coeff, out_weight))
+        self._append(lhs, rows, CrossTerm(probs, v, out_weight))
         self.bias = self.bias + attn.out_proj.bias
 
     def _append(self, lhs: torch.Tensor, rows: torch.Tensor, term: CrossTerm) -> None:
@@ -194,12 +217,14 @@ class ImageTokens:
         lhs, rows_c = self.lhs, self.rows - self.rows.mean(dim=-1, keepdim=True)
         sq = ((lhs @ (rows_c @ rows_c.transpose(1, 2))) * lhs).sum(-1, keepdim=True)
         sq = sq + 2 * lhs @ (rows_c @ bias_c)[..., None]
-        image_part = centred_sq * scale + 2 * (centred @ bias_c)[..., None]
+        # c is weight-only, so its product with the image side is shared too.
+        centred_bias = self.cache.get(f"{self.stage}.centred_bias", lambda: centred @ bias_c)
+        image_part = centred_sq * scale + 2 * centred_bias[..., None]
         for i, term in enumerate(self.cross_terms):
             weight_c = term.weight - term.weight.mean(dim=-1, keepdim=True)
             cross = self.cache.get(f"{self.stage}.cross{i}",  # E H C W^T
-                                   lambda w=weight_c: centred @ w.T)
-            image_part = image_part + 2 * (cross * term.coeff).sum(-1, keepdim=True)
+                                   lambda t=term, w=weight_c: t.cross_layout(centred @ w.T))
+            image_part = image_part + 2 * term.image_dot(cross)
         sq = sq + scale * image_part + bias_c @ bias_c
         inv_std = torch.rsqrt(sq / c + norm.eps)
 
@@ -207,12 +232,12 @@ class ImageTokens:
         self.lhs = inv_std * lhs
         self.rows = rows_c * gamma
         for term in self.cross_terms:
-            term.coeff = inv_std * term.coeff
+            term.rescale(inv_std)
             term.weight = (term.weight - term.weight.mean(dim=-1, keepdim=True)) * gamma
         # The centred bias, now scaled per token, becomes a rank-1 term.
         bias_row = (bias_c * gamma)[None]
         self._append(inv_std, bias_row.expand(inv_std.shape[0], 1, c),
-                     CrossTerm(inv_std, bias_row))
+                     CrossTerm.rank_one(inv_std, bias_row))
         self.scale = inv_std if self.scale is None else inv_std * self.scale
         self.gammas.append(gamma)
         self.bias = norm.bias
