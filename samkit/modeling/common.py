@@ -22,7 +22,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     rows = x.numel() // max(x.shape[-1], 1)
     if x.device.type != "cpu" or rows < _ONEDNN_MIN_ROWS or not x.is_contiguous():
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)  # (a strided input would be copied first)
     image = x.reshape(1, 1, rows, x.shape[-1]).permute(0, 3, 1, 2)
     out = F.conv2d(image, weight[:, :, None, None], bias)
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from samkit.modeling.common import DropPath, LayerNorm2d, Linear, MLPBlock
+from samkit.modeling.common import DropPath, LayerNorm2d, Linear, MLPBlock, linear
 
 
 class ImageEncoderViT(nn.Module):
@@ -148,10 +148,59 @@ class Attention(nn.Module):
         # B x N x 3 x heads x d -> 3 x B x heads x N x d
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(b, h, w, c)
-        return self.proj(out)
+        if h * w >= _BLOCKED_MIN_TOKENS and _blocked_attention_applies(q):
+            out = blocked_rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w))
+        else:
+            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+        return self.proj(out.reshape(b, h, w, c))
+
+
+# Global attention (64 x 64 tokens for SAM) takes the blocked path below; windows keep SDPA.
+_BLOCKED_MIN_TOKENS = 1024
+_QUERY_BLOCK = 512
+
+
+def _blocked_attention_applies(q: torch.Tensor) -> bool:
+    """Inference on the CPU in fp32: the blocked path has no autograd and its speed comes
+    from oneDNN's fp32 convolutions (see :func:`samkit.modeling.common.linear`)."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def blocked_rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + rel-pos bias) v`` one head and ``_QUERY_BLOCK`` queries at
+    a time; ``q, k, v``: ``B x heads x N x d`` -> ``B x N x heads x d``.
+
+    Same values as :func:`decomposed_rel_pos_bias` + SDPA, but the ``heads x N x N`` bias
+    (805 MB for vit_b) is never built: each block of scores gets its two bias terms added in
+    place, and both products go through :func:`samkit.modeling.common.linear` (oneDNN: ~2x
+    the MKL products inside the fused SDPA kernel on this AMD CPU).
+    """
+    b, heads, n, d = q.shape
+    qh, qw = size
+    r_q = q.reshape(b, heads, qh, qw, d)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(qh, qh, rel_pos_h))
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(qw, qw, rel_pos_w))
+    rel_h = rel_h.reshape(b, heads, n, qh, 1).contiguous()
+    rel_w = rel_w.reshape(b, heads, n, 1, qw).contiguous()
+    out = q.new_empty(b, n, heads, d)
+    for i in range(b):
+        for j in range(heads):
+            queries, keys, values = q[i, j].contiguous(), k[i, j] * d**-0.5, v[i, j].T
+            for start in range(0, n, _QUERY_BLOCK):
+                stop = min(start + _QUERY_BLOCK, n)
+                scores = linear(queries[start:stop], keys).view(-1, qh, qw)
+                scores.add_(rel_h[i, j, start:stop]).add_(rel_w[i, j, start:stop])
+                probs = torch.softmax(scores.view(-1, n), dim=-1)
+                out[i, start:stop, j] = linear(probs, values)
+    return out
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from samkit.modeling import image_encoder
 from samkit.modeling.common import Linear, linear
+from samkit.modeling.image_encoder import (
+    Attention,
+    blocked_rel_pos_attention,
+    decomposed_rel_pos_bias,
+)
 from samkit.modeling.mask_decoder import MaskDecoder, _patch_linear, _patches_to_image
 from samkit.modeling.transformer import TwoWayTransformer
 
@@ -48,3 +54,45 @@ def test_channels_last_upscaler_equals_the_conv_stack() -> None:
     pixels = decoder._upscale_patches(linear(src, weight, bias))
     masks = _patches_to_image(hyper @ pixels.transpose(1, 2), h, w)
     torch.testing.assert_close(masks, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (12, 20)])
+def test_blocked_global_attention_equals_sdpa_with_bias(
+    size: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several query blocks and a short last one, on square and non-square grids."""
+    monkeypatch.setattr(image_encoder, "_QUERY_BLOCK", 96)
+    torch.manual_seed(0)
+    b, heads, d = 2, 3, 8
+    n = size[0] * size[1]
+    q, k, v = (torch.randn(b, heads, n, d) for _ in range(3))
+    rel_h = torch.randn(2 * size[0] - 1, d) * 0.3
+    rel_w = torch.randn(2 * size[1] - 1, d) * 0.3
+    bias = decomposed_rel_pos_bias(q, rel_h, rel_w, size, size)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2)
+    with torch.inference_mode():
+        out = blocked_rel_pos_attention(q, k, v, rel_h, rel_w, size)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_attention_takes_the_blocked_path_only_for_inference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same output on both paths; with gradients on, the SDPA path (autograd) is used."""
+    monkeypatch.setattr(image_encoder, "_BLOCKED_MIN_TOKENS", 64)
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=4, input_size=(8, 12))
+    torch.nn.init.normal_(attn.rel_pos_h, std=0.3)
+    torch.nn.init.normal_(attn.rel_pos_w, std=0.3)
+    x = torch.randn(2, 8, 12, 48, requires_grad=True)
+    calls: list[int] = []
+    blocked = image_encoder.blocked_rel_pos_attention
+    monkeypatch.setattr(image_encoder, "blocked_rel_pos_attention",
+                        lambda *a: calls.append(1) or blocked(*a))
+    trained = attn(x)
+    trained.sum().backward()  # the SDPA path: gradients flow
+    assert calls == [] and x.grad is not None
+    with torch.inference_mode():
+        served = attn(x.detach())
+    assert calls == [1]
+    torch.testing.assert_close(served, trained.detach(), rtol=1e-5, atol=1e-5)
