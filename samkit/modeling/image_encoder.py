@@ -164,7 +164,7 @@ _QUERY_BLOCK = 512
 def _blocked_attention_applies(q: torch.Tensor) -> bool:
     """Inference on the CPU in fp32: the blocked path has no autograd and its speed comes
     from oneDNN's fp32 convolutions (see :func:`samkit.modeling.common.linear`)."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and not torch.is_grad_enabled()
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
 
 
 def blocked_rel_pos_attention(
@@ -193,7 +193,9 @@ def blocked_rel_pos_attention(
     out = q.new_empty(b, n, heads, d)
     for i in range(b):
         for j in range(heads):
-            queries, keys, values = q[i, j].contiguous(), k[i, j] * d**-0.5, v[i, j].T
+            # Contiguous once per head (a strided weight would be copied for every block).
+            queries, keys = q[i, j].contiguous(), k[i, j] * d**-0.5
+            values = v[i, j].T.contiguous()
             for start in range(0, n, _QUERY_BLOCK):
                 stop = min(start + _QUERY_BLOCK, n)
                 scores = linear(queries[start:stop], keys).view(-1, qh, qw)
