@@ -96,3 +96,26 @@ def test_encoder_attention_takes_the_blocked_path_only_for_inference(
         served = attn(x.detach())
     assert calls == [1]
     torch.testing.assert_close(served, trained.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_upscales_in_slices_with_the_same_masks_and_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Slices of 7 tokens (a short last one) give the whole-image result, gradients too."""
+    from samkit.modeling import mask_decoder
+
+    torch.manual_seed(0)
+    decoder = MaskDecoder(64, TwoWayTransformer(depth=1, embedding_dim=64, num_heads=2, mlp_dim=32))
+    image = torch.randn(1, 64, 5, 6, requires_grad=True)
+    pe = torch.randn(1, 64, 5, 6)
+    sparse, dense = torch.randn(3, 2, 64), torch.randn(3, 64, 5, 6)
+
+    def run(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        monkeypatch.setattr(mask_decoder, "_TOKENS_PER_STEP", step)
+        masks, _ = decoder(image, pe, sparse, dense, multimask_output=True)
+        (grad,) = torch.autograd.grad(masks.square().sum(), image)
+        return masks, grad
+
+    whole, sliced = run(10_000), run(7)
+    for a, b in zip(sliced, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
