@@ -36,7 +36,7 @@ class EmbeddedImage:
 class SamPredictor:
     """Computes image embeddings once and decodes prompts against them."""
 
-    def __init__(self, sam_model: Sam, encode_batch_size: int = 4, decode_chunk_size: int = 2,
+    def __init__(self, sam_model: Sam, encode_batch_size: int = 4, decode_chunk_size: int = 4,
                  encoder_dtype: torch.dtype | None = None) -> None:
         """``encoder_dtype=torch.bfloat16`` runs the image encoder under bf16 autocast (CPUs
         with AVX-512 BF16 / AMX, and GPUs); embeddings are returned in fp32 either way."""
