@@ -119,3 +119,20 @@ def test_decoder_upscales_in_slices_with_the_same_masks_and_gradients(
     whole, sliced = run(10_000), run(7)
     for a, b in zip(sliced, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_or_compiled_graphs_keep_plain_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While exporting/compiling, linear stays F.linear (ONNX int8 quantizes MatMul/Gemm
+    nodes) and global attention stays SDPA (no Python loops unrolled into the graph)."""
+    q = torch.randn(1, 2, 1024, 8)
+    with torch.inference_mode():
+        assert image_encoder._blocked_attention_applies(q)  # eager: it would
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    convs: list[int] = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *a, **k: convs.append(1) or conv2d(*a, **k))
+    x = torch.randn(600, 32)
+    linear(x, torch.randn(8, 32))
+    assert convs == []
+    with torch.inference_mode():
+        assert not image_encoder._blocked_attention_applies(q)

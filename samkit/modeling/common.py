@@ -11,6 +11,13 @@ from torch import nn
 _ONEDNN_MIN_ROWS = 256
 
 
+def eager_on_cpu(x: torch.Tensor) -> bool:
+    """``x`` is computed eagerly on the CPU, where samkit's CPU kernels apply. Not while
+    exporting or compiling: graphs keep plain MatMul / attention nodes, which ONNX int8
+    quantization and compilers know how to handle."""
+    return x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``; on the CPU, large products go through oneDNN as a 1 x 1 convolution.
 
@@ -21,7 +28,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     convolution's input as it is: no copies, fp32 throughout, gradients as usual.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    if x.device.type != "cpu" or rows < _ONEDNN_MIN_ROWS or not x.is_contiguous():
+    if not eager_on_cpu(x) or rows < _ONEDNN_MIN_ROWS or not x.is_contiguous():
         return F.linear(x, weight, bias)  # (a strided input would be copied first)
     image = x.reshape(1, 1, rows, x.shape[-1]).permute(0, 3, 1, 2)
     out = F.conv2d(image, weight[:, :, None, None], bias)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from samkit.modeling.common import DropPath, LayerNorm2d, Linear, MLPBlock, linear
+from samkit.modeling.common import DropPath, LayerNorm2d, Linear, MLPBlock, eager_on_cpu, linear
 
 
 class ImageEncoderViT(nn.Module):
@@ -162,9 +162,10 @@ _QUERY_BLOCK = 512
 
 
 def _blocked_attention_applies(q: torch.Tensor) -> bool:
-    """Inference on the CPU in fp32: the blocked path has no autograd and its speed comes
-    from oneDNN's fp32 convolutions (see :func:`samkit.modeling.common.linear`)."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
+    """Eager inference on the CPU in fp32 or bf16: the blocked path has no autograd, and its
+    speed comes from oneDNN (see :func:`samkit.modeling.common.linear`)."""
+    return (eager_on_cpu(q) and q.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled())
 
 
 def blocked_rel_pos_attention(
