@@ -115,14 +115,29 @@ def run_worker(impl: str, args: argparse.Namespace, weights: Path, tmp: Path) ->
     return json.loads(out.read_text())
 
 
-def parity(ours: dict, theirs: dict) -> tuple[float, float]:
-    """Over masks matched in order: (minimum mask IoU, largest predicted-IoU difference)."""
+def parity(ours: dict, theirs: dict) -> tuple[float, float, str]:
+    """Over masks matched in order: the minimum mask IoU, the largest predicted-IoU
+    difference, and a line on the pairs below IoU 0.99: the worst one's areas and differing
+    pixels, and whether each has a match at IoU >= 0.99 among its neighbours in the other
+    list (two masks with near-equal scores can come out in swapped order)."""
     from pycocotools import mask as mask_utils
 
     pairs = list(zip(ours["rles"], theirs["rles"]))
     ious = [mask_utils.iou([a], [b], [False])[0][0] for a, b in pairs]
     score_diffs = [abs(a - b) for a, b in zip(ours["predicted_iou"], theirs["predicted_iou"])]
-    return float(min(ious, default=1.0)), max(score_diffs, default=0.0)
+    low = [i for i, iou in enumerate(ious) if iou < 0.99]
+    detail = "every pair at IoU >= 0.99"
+    if low:
+        worst = min(low, key=lambda i: ious[i])
+        a, b = (mask_utils.decode(rle).astype(bool) for rle in pairs[worst])
+        swapped = 0
+        for i in low:
+            near = theirs["rles"][max(i - 3, 0) : i + 4]
+            swapped += max(mask_utils.iou([ours["rles"][i]], near, [False] * len(near))[0]) >= 0.99
+        detail = (f"{len(low)} of {len(ious)} pairs below IoU 0.99, {swapped} of them matched "
+                  f"at >= 0.99 by a neighbour within 3 places; worst pair: areas {a.sum()} / "
+                  f"{b.sum()} px, {(a ^ b).sum()} px differ")
+    return float(min(ious, default=1.0)), max(score_diffs, default=0.0), detail
 
 
 def knobs_from(args: argparse.Namespace) -> dict:
@@ -157,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         theirs = run_worker("official", args, weights, tmp)
         ours = run_worker("samkit", args, weights, tmp)
     n_ours, n_theirs = len(ours["rles"]), len(theirs["rles"])
-    min_iou, max_score_diff = parity(ours, theirs)
+    min_iou, max_score_diff, mismatches = parity(ours, theirs)
     t_ours, t_theirs = statistics.median(ours["times"]), statistics.median(theirs["times"])
     h, w = load_photo(args.image).shape[:2]
     print(
@@ -172,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| samkit | {t_ours:.2f} | {ours['peak_rss_mib']:.0f} | {n_ours} |")
     print(f"\nspeed-up: {t_theirs / t_ours:.2f}x; mask counts "
           f"{'equal' if n_ours == n_theirs else 'DIFFER'}; masks matched in order: min IoU "
-          f"{min_iou:.4f}, max |predicted_iou difference| {max_score_diff:.1e}")
+          f"{min_iou:.4f}, max |predicted_iou difference| {max_score_diff:.1e}\n{mismatches}")
 
 
 if __name__ == "__main__":
