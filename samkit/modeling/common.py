@@ -22,8 +22,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``; on the CPU, large products go through oneDNN as a 1 x 1 convolution.
 
     PyTorch's CPU builds send fp32 ``linear``/``matmul`` to MKL's sgemm, which on AMD CPUs
-    runs at about half the speed of oneDNN's kernels (this machine, AMD EPYC: 150-200 vs
-    330-480 GFLOP/s for the encoder's shapes; ``benchmarks/speed.py`` shows the effect).
+    runs at about half the speed of oneDNN's kernels (this machine, AMD EPYC: 174-198 vs
+    330-437 GFLOP/s on the encoders' shapes; ``benchmarks/gemm.py``).
     A ``... x C`` tensor viewed as a channels-last ``1 x C x 1 x rows`` image is a 1 x 1
     convolution's input as it is: no copies, fp32 throughout, gradients as usual.
     """

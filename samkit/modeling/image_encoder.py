@@ -186,11 +186,8 @@ def blocked_rel_pos_attention(
     """
     b, heads, n, d = q.shape
     qh, qw = size
-    r_q = q.reshape(b, heads, qh, qw, d)
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, get_rel_pos(qh, qh, rel_pos_h))
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, get_rel_pos(qw, qw, rel_pos_w))
-    rel_h = rel_h.reshape(b, heads, n, qh, 1).contiguous()
-    rel_w = rel_w.reshape(b, heads, n, 1, qw).contiguous()
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, size, size)
+    rel_h, rel_w = rel_h.view(b, heads, n, qh, 1), rel_w.view(b, heads, n, 1, qw)
     out = q.new_empty(b, n, heads, d)
     for i in range(b):
         for j in range(heads):
@@ -251,6 +248,28 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     return rel_pos[relative.long()]
 
 
+def rel_pos_terms(
+    q: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    q_size: tuple[int, int],
+    k_size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of the decomposed bias, from unscaled queries ``B x heads x (qh*qw) x d``:
+    ``rel_h`` ``B x heads x qh x qw x kh`` and ``rel_w`` ``... x kw``, contiguous."""
+    qh, qw = q_size
+    kh, kw = k_size
+    rh = get_rel_pos(qh, kh, rel_pos_h).to(q.dtype)
+    rw = get_rel_pos(qw, kw, rel_pos_w).to(q.dtype)
+    b, n_heads, _, d = q.shape
+    r_q = q.reshape(b, n_heads, qh, qw, d)
+    # Contiguous, also for strided queries (a view of the qkv output): a sum of permuted terms
+    # would inherit their layout, and reshaping the full bias would copy all of it.
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).contiguous()
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).contiguous()
+    return rel_h, rel_w
+
+
 def decomposed_rel_pos_bias(
     q: torch.Tensor,
     rel_pos_h: torch.Tensor,
@@ -262,15 +281,7 @@ def decomposed_rel_pos_bias(
 
     ``q`` is ``B x heads x (qh*qw) x d``.
     """
-    qh, qw = q_size
-    kh, kw = k_size
-    rh = get_rel_pos(qh, kh, rel_pos_h).to(q.dtype)
-    rw = get_rel_pos(qw, kw, rel_pos_w).to(q.dtype)
-    b, n_heads, _, d = q.shape
-    r_q = q.reshape(b, n_heads, qh, qw, d)
-    # Contiguous terms make the (large) sum contiguous: from strided queries (a view of the
-    # qkv output) it would inherit a permuted layout and the reshape would copy all of it.
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).contiguous()
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).contiguous()
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     bias = rel_h[..., :, None] + rel_w[..., None, :]
-    return bias.view(b, n_heads, qh * qw, kh * kw)
+    b, n_heads = q.shape[:2]
+    return bias.view(b, n_heads, q_size[0] * q_size[1], k_size[0] * k_size[1])

@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.modeling.common import MLP, LayerNorm2d, linear
+from samkit.modeling.common import MLP, LayerNorm2d, eager_on_cpu, linear
 from samkit.modeling.shared_image import ImageCache, two_way_shared_image
 from samkit.modeling.transformer import TwoWayTransformer
 
 
 # Image tokens upscaled per step in predict_masks: 512 of SAM's 4096 keeps glibc malloc from
-# returning and page-faulting the temporaries per step (64 boxes: 1.6 -> 1.1 s, measured).
+# returning and page-faulting the temporaries per step (timing SamPredictor.decode on 64 boxes
+# under malloc defaults: about 1.6 s in one step, 1.0-1.2 s in steps of 512).
 _TOKENS_PER_STEP = 512
 
 
@@ -133,9 +134,10 @@ class MaskDecoder(nn.Module):
         hyper_in = torch.stack([mlp(mask_tokens_out[:, i, :]) for i, mlp in mlps], dim=1)
         h, w = image_pe.shape[-2:]
         masks = patches.new_empty(batch, hyper_in.shape[1], h * w * 16)
-        # A slice of the image at a time: the upscaled pixels (32 floats each) never exist
-        # for the whole image, so the temporaries stay small and cache-resident.
-        step = _TOKENS_PER_STEP
+        # On the CPU a slice of the image at a time: the upscaled pixels (32 floats each) never
+        # exist for the whole image, so the temporaries stay small and cache-resident. Graphs
+        # (export, compile) and GPUs take the whole image in one step.
+        step = _TOKENS_PER_STEP if eager_on_cpu(patches) else h * w
         for start in range(0, h * w, step):
             pixels = self._upscale_patches(patches[:, start : start + step])
             masks[..., start * 16 : (start + step) * 16] = hyper_in @ pixels.transpose(1, 2)

@@ -103,11 +103,12 @@ class Sam(nn.Module):
                 embedding.unsqueeze(0), image_pe, sparse, dense, multimask_output
             )
             masks = self.postprocess_masks(
-                low_res, tuple(rec["image"].shape[-2:]), tuple(rec["original_size"])
+                low_res, tuple(rec["image"].shape[-2:]), tuple(rec["original_size"]),
+                self.mask_threshold,
             )
             outputs.append(
                 {
-                    "masks": masks > self.mask_threshold,
+                    "masks": masks,
                     "iou_predictions": iou,
                     "low_res_logits": low_res,
                 }
