@@ -16,6 +16,15 @@
     ``low_res_masks`` ``1 x 4 x 4g x 4g``. Index 0 is the single-mask output, 1..3 the three
     multimask outputs. The resized size is computed in the graph with the same float64
     rounding as :func:`samkit.images.preprocess_shape`, so every aspect ratio is right.
+
+``decoder_image.onnx`` + ``decoder_prompts.onnx`` (samkit's fast path for prompts without a
+mask prompt, see :mod:`samkit.modeling.shared_image`)
+    The image graph takes ``image_embeddings`` and returns every image-sized product the
+    decoder shares between prompts (names like ``layer0.k``; once per image). The prompts
+    graph takes those, ``point_coords``, ``point_labels``, ``mask_index`` (int64 indices of
+    the masks to upscale, e.g. ``[1, 2, 3]``) and ``orig_im_size`` -> ``masks``
+    ``1 x len(mask_index) x H x W``, ``iou_predictions`` ``1 x 4``, ``low_res_masks``
+    ``1 x 4 x 4g x 4g``: the same numbers as ``decoder.onnx`` with ``has_mask_input = 0``.
 """
 
 from __future__ import annotations
@@ -38,10 +47,13 @@ from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS, build_sam, is_trained
 from samkit.errors import SamkitError
 from samkit.modeling.prompt_encoder import LABEL_PAD
 from samkit.modeling.sam import Sam, _resize_matrix
+from samkit.modeling.shared_image import ImageCache
 
 OPSET = 18  # the dynamo exporter's native opset: no version conversion step to go wrong
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+DECODER_IMAGE_FILE = "decoder_image.onnx"
+DECODER_PROMPTS_FILE = "decoder_prompts.onnx"
 INT8_SUFFIX = ".int8.onnx"
 INFO_FILE = "samkit_onnx.json"
 QUANTIZE_CHOICES = ("int8",)
@@ -56,6 +68,7 @@ DECODER_INPUTS = [
     "orig_im_size",
 ]
 DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
+PROMPTS_INPUTS = ["point_coords", "point_labels", "mask_index", "orig_im_size"]
 # Dynamic int8: MatMul / Gemm weights (the bulk of both graphs) as signed int8; see docs/onnx.md.
 INT8_OPS = ["MatMul", "Gemm"]
 INT8_WEIGHT_TYPE = "QInt8"
@@ -154,14 +167,60 @@ class DecoderGraph(nn.Module):
         return rows.to(torch.float32)
 
 
+class DecoderImageGraph(nn.Module):
+    """``1 x C x g x g`` image embedding -> the decoder's shared image-side products under the
+    "no mask" dense prompt, in the order of :attr:`product_names`."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.mask_decoder = sam.mask_decoder
+        self.prompt_encoder = sam.prompt_encoder
+        with torch.no_grad():
+            self.register_buffer("dense_pe", sam.prompt_encoder.get_dense_pe(), persistent=False)
+            example = torch.zeros(1, sam.prompt_encoder.embed_dim, *self.dense_pe.shape[-2:])
+            self.product_names = list(self.fill(example).products)
+
+    def fill(self, image_embeddings: torch.Tensor) -> ImageCache:
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        cache = self.mask_decoder.image_cache(image_embeddings, self.dense_pe, no_mask)
+        return self.mask_decoder.fill_image_cache(cache, self.dense_pe)
+
+    def forward(self, image_embeddings: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        products = self.fill(image_embeddings).products
+        # contiguous: some products are broadcast views of a vector, graph outputs are not
+        return tuple(products[name].contiguous() for name in self.product_names)
+
+
+class DecoderPromptsGraph(DecoderGraph):
+    """:class:`DecoderGraph` without a mask prompt, reading the image side from the products
+    of :class:`DecoderImageGraph` instead of the embedding."""
+
+    def __init__(self, sam: Sam, product_names: list[str]) -> None:
+        super().__init__(sam)
+        self.product_names = product_names
+        self.channels = sam.prompt_encoder.embed_dim
+
+    def forward(  # type: ignore[override]
+        self, products: tuple[torch.Tensor, ...], point_coords: torch.Tensor,
+        point_labels: torch.Tensor, mask_index: torch.Tensor, orig_im_size: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = ImageCache.from_products(dict(zip(self.product_names, products, strict=True)),
+                                         self.channels)
+        sparse = self.embed_points(point_coords, point_labels)
+        low_res, iou = self.mask_decoder.predict_masks(None, self.dense_pe, sparse, None, cache)
+        masks = self.postprocess(low_res.index_select(1, mask_index), orig_im_size)
+        return masks, iou, low_res
+
+
 # --- export -------------------------------------------------------------------------------
 
 
 def export_onnx(
     sam: Sam, out_dir: str | Path, *, model_name: str = "custom", quantize: str | None = None
 ) -> dict[str, Path]:
-    """Write ``encoder.onnx``, ``decoder.onnx`` (and with ``quantize="int8"`` their
-    ``*.int8.onnx`` dynamic-quantized copies) plus ``samkit_onnx.json`` into ``out_dir``.
+    """Write ``encoder.onnx``, ``decoder.onnx``, ``decoder_image.onnx``,
+    ``decoder_prompts.onnx`` (and with ``quantize="int8"`` ``*.int8.onnx`` dynamic-quantized
+    copies of all but the image-side graph) plus ``samkit_onnx.json`` into ``out_dir``.
 
     ``sam`` must be a float32 model on the CPU. Returns the written paths by role.
     """
@@ -174,9 +233,12 @@ def export_onnx(
     paths = {
         "encoder": export_encoder(sam, out / ENCODER_FILE, model_name),
         "decoder": export_decoder(sam, out / DECODER_FILE, model_name),
+        **export_shared_decoder(sam, out / DECODER_IMAGE_FILE, out / DECODER_PROMPTS_FILE,
+                                model_name),
     }
     if quantize == "int8":
-        for role in ("encoder", "decoder"):
+        # The image-side graph runs once per image and stays float32 (see docs/onnx.md).
+        for role in ("encoder", "decoder", "decoder_prompts"):
             paths[f"{role}_int8"] = quantize_int8(paths[role], paths[role].with_suffix(INT8_SUFFIX))
     paths["info"] = write_info(sam, out / INFO_FILE, model_name, paths)
     return paths
@@ -209,19 +271,50 @@ def export_decoder(sam: Sam, path: Path, model_name: str = "custom") -> Path:
     dynamic = (None, {1: points}, {1: points}, None, None, None)
     return _export(
         DecoderGraph(sam), example, dynamic, DECODER_INPUTS, DECODER_OUTPUTS, path,
-        _metadata(sam, model_name, "decoder"), masks_dims=("height", "width"),
+        _metadata(sam, model_name, "decoder"), {"masks": [1, 4, "height", "width"]},
     )
+
+
+def export_shared_decoder(
+    sam: Sam, image_path: Path, prompts_path: Path, model_name: str = "custom"
+) -> dict[str, Path]:
+    """Export :class:`DecoderImageGraph` and :class:`DecoderPromptsGraph` (dynamic number of
+    points, of masks to upscale, and original size)."""
+    image_graph = DecoderImageGraph(sam)
+    names = image_graph.product_names
+    grid = sam.prompt_encoder.image_embedding_size
+    embedding = torch.zeros(1, sam.prompt_encoder.embed_dim, *grid)
+    with torch.no_grad():
+        products = image_graph(embedding)
+    _export(image_graph, (embedding,), None, ENCODER_OUTPUTS, names, image_path,
+            _metadata(sam, model_name, "decoder_image"))
+    example = (
+        list(products),
+        torch.tensor([[[10.0, 20.0], [0.0, 0.0]]]),
+        torch.tensor([[1.0, LABEL_PAD]]),
+        torch.tensor([1, 2, 3]),
+        torch.tensor([480.0, 640.0]),
+    )
+    points = torch.export.Dim("num_points")
+    dynamic = ([None] * len(names), {1: points}, {1: points}, {0: torch.export.Dim("num_masks")},
+               None)
+    _export(
+        DecoderPromptsGraph(sam, names), example, dynamic, [*names, *PROMPTS_INPUTS],
+        DECODER_OUTPUTS, prompts_path, _metadata(sam, model_name, "decoder_prompts"),
+        {"mask_index": ["num_masks"], "masks": [1, "num_masks", "height", "width"]},
+    )
+    return {"decoder_image": image_path, "decoder_prompts": prompts_path}
 
 
 def _export(
     module: nn.Module,
     example: tuple[torch.Tensor, ...],
-    dynamic_shapes: tuple[Any, ...],
+    dynamic_shapes: tuple[Any, ...] | None,
     input_names: list[str],
     output_names: list[str],
     path: Path,
     metadata: dict[str, str],
-    masks_dims: tuple[str, str] | None = None,
+    dim_names: dict[str, list[int | str]] | None = None,
 ) -> Path:
     """``torch.onnx.export`` (the torch.export-based exporter) to ``path``, with metadata."""
     modes = {m: m.training for m in module.modules()}  # restored: the caller's model
@@ -234,18 +327,21 @@ def _export(
         m.training = training
     model = program.model
     model.metadata_props.update(metadata)
-    if masks_dims is not None:
-        _name_output_dims(model.graph.outputs[0], masks_dims)
+    if dim_names:
+        _name_dims(model.graph, dim_names)
     big = sum(p.numel() * p.element_size() for p in module.parameters()) > PROTOBUF_LIMIT
     program.save(str(path), external_data=big)
     return path
 
 
-def _name_output_dims(output: Any, names: tuple[str, str]) -> None:
-    """The exporter names data-dependent sizes ``u0``, ``u1``; say what they are."""
+def _name_dims(graph: Any, shapes: dict[str, list[int | str]]) -> None:
+    """Set the shapes of named graph inputs / outputs: the exporter calls data-dependent sizes
+    ``u0``, ``u1`` and some dynamic ones ``s31``; say what they are."""
     import onnx_ir as ir
 
-    output.shape = ir.Shape([*list(output.shape)[:-2], *names])
+    for value in [*graph.inputs, *graph.outputs]:
+        if value.name in shapes:
+            value.shape = ir.Shape(shapes[value.name])
 
 
 @contextmanager

@@ -23,22 +23,38 @@ from samkit.modeling.prompt_encoder import (
     LABEL_FOREGROUND,
     LABEL_PAD,
 )
-from samkit.onnx_export import DECODER_INPUTS, ENCODER_INPUTS, META_IMAGE_SIZE
+from samkit.onnx_export import (
+    DECODER_FILE,
+    DECODER_IMAGE_FILE,
+    DECODER_INPUTS,
+    DECODER_PROMPTS_FILE,
+    ENCODER_FILE,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    INT8_SUFFIX,
+    META_IMAGE_SIZE,
+    META_MODEL,
+    PROMPTS_INPUTS,
+)
 
 MASK_THRESHOLD = 0.0
 # The decoder graph returns all mask tokens: 0 is the single-mask output, 1..3 the multimask.
 SINGLE_MASK = slice(0, 1)
 MULTIMASK = slice(1, None)
+MASK_INDEX = {True: np.array([1, 2, 3]), False: np.array([0])}  # by multimask_output
 
 
 class OnnxSamPredictor:
-    """Embeds an image with ``encoder.onnx`` once, then decodes prompts with ``decoder.onnx``.
+    """Embeds an image with ``encoder.onnx`` once, then decodes prompts with ``decoder.onnx``
+    or, when given, the shared-image pair ``decoder_image.onnx`` (run once per image in
+    :meth:`set_image`) + ``decoder_prompts.onnx`` (every prompt without a mask prompt).
 
     Args:
         encoder_path, decoder_path: files from ``samkit export-onnx`` (fp32 or int8).
         providers: onnxruntime execution providers, in order of preference.
         session_options: an ``onnxruntime.SessionOptions`` (threads, graph optimisations);
             default: :func:`default_session_options`.
+        decoder_image_path, decoder_prompts_path: the shared-image pair (both or neither).
     """
 
     def __init__(
@@ -47,6 +63,9 @@ class OnnxSamPredictor:
         decoder_path: str | Path,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         session_options: Any = None,
+        *,
+        decoder_image_path: str | Path | None = None,
+        decoder_prompts_path: str | Path | None = None,
     ) -> None:
         options = session_options if session_options is not None else default_session_options()
         self.encoder = load_session(encoder_path, "encoder", ENCODER_INPUTS, providers, options)
@@ -55,8 +74,33 @@ class OnnxSamPredictor:
         # SAM's embedding is image_size / 16 and its mask prompt 4x that.
         self.image_size = 4 * self.mask_input_size[0]
         _check_pair(self.encoder, encoder_path, self.image_size)
+        self.decoder_image, self.decoder_prompts = _shared_pair(
+            decoder_image_path, decoder_prompts_path, providers, options, self.image_size,
+            self.decoder.get_modelmeta().custom_metadata_map.get(META_MODEL))
         self.transform = ResizeLongestSide(self.image_size)
         self.reset_image()
+
+    @classmethod
+    def from_folder(
+        cls, folder: str | Path, int8: bool = False,
+        providers: Sequence[str] = ("CPUExecutionProvider",), session_options: Any = None,
+    ) -> OnnxSamPredictor:
+        """The graphs of one ``samkit export-onnx`` folder: ``encoder``, ``decoder`` and,
+        when the folder has them, the shared-image pair; with ``int8`` their ``.int8`` copies
+        (the image-side graph has none: it runs once per image in float32)."""
+        folder = Path(folder)
+
+        def graph(name: str) -> Path:
+            return folder / (name.removesuffix(".onnx") + (INT8_SUFFIX if int8 else ".onnx"))
+
+        image, prompts = folder / DECODER_IMAGE_FILE, graph(DECODER_PROMPTS_FILE)
+        shared = image.is_file() and prompts.is_file()
+        return cls(
+            graph(ENCODER_FILE), graph(DECODER_FILE),
+            providers, session_options,
+            decoder_image_path=image if shared else None,
+            decoder_prompts_path=prompts if shared else None,
+        )
 
     # ------------------------------------------------------------------ embedding
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
@@ -68,6 +112,10 @@ class OnnxSamPredictor:
             rgb = rgb[..., ::-1]
         resized = self.transform.apply_image(np.ascontiguousarray(rgb))
         self.features = self.encoder.run(None, {ENCODER_INPUTS[0]: resized})[0]
+        if self.decoder_image is not None:
+            names = [o.name for o in self.decoder_image.get_outputs()]
+            products = self.decoder_image.run(None, {ENCODER_OUTPUTS[0]: self.features})
+            self.image_products = dict(zip(names, products, strict=True))
         self.original_size = (rgb.shape[0], rgb.shape[1])
         self.input_size = (resized.shape[0], resized.shape[1])
         self.is_image_set = True
@@ -75,6 +123,7 @@ class OnnxSamPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features: np.ndarray | None = None
+        self.image_products: dict[str, np.ndarray] = {}
         self.original_size: tuple[int, int] | None = None
         self.input_size: tuple[int, int] | None = None
 
@@ -104,9 +153,15 @@ class OnnxSamPredictor:
         """
         self._require_image()
         feeds = self.decoder_inputs(point_coords, point_labels, box, mask_input)
-        masks, scores, low_res = self.decoder.run(None, feeds)
         selected = MULTIMASK if multimask_output else SINGLE_MASK
-        masks = masks[0, selected]
+        if self.decoder_prompts is not None and mask_input is None:
+            del feeds["image_embeddings"], feeds["mask_input"], feeds["has_mask_input"]
+            feeds.update(self.image_products, mask_index=MASK_INDEX[multimask_output])
+            masks, scores, low_res = self.decoder_prompts.run(None, feeds)
+            masks = masks[0]  # the graph upscaled just the selected masks
+        else:
+            masks, scores, low_res = self.decoder.run(None, feeds)
+            masks = masks[0, selected]
         if not return_logits:
             masks = masks > MASK_THRESHOLD
         return masks, scores[0, selected], low_res[0, selected]
@@ -221,6 +276,25 @@ def load_session(
     return session
 
 
+def _shared_pair(
+    image_path: str | Path | None, prompts_path: str | Path | None,
+    providers: Sequence[str], options: Any, image_size: int, model: str | None,
+) -> tuple[Any, Any]:
+    """The shared-image decoder sessions, or ``(None, None)``; the prompts graph must read
+    exactly the image graph's products."""
+    if image_path is None and prompts_path is None:
+        return None, None
+    if image_path is None or prompts_path is None:
+        raise SamkitError("give both decoder_image_path and decoder_prompts_path, or neither")
+    image = load_session(image_path, "decoder image", ENCODER_OUTPUTS, providers, options)
+    products = [o.name for o in image.get_outputs()]
+    prompts = load_session(prompts_path, "decoder prompts", [*products, *PROMPTS_INPUTS],
+                           providers, options)
+    _check_pair(image, image_path, image_size, "decoder image", model)
+    _check_pair(prompts, prompts_path, image_size, "decoder prompts", model)
+    return image, prompts
+
+
 def _mask_input_size(decoder: Any, path: str | Path) -> tuple[int, int]:
     shape = decoder.get_inputs()[DECODER_INPUTS.index("mask_input")].shape
     if len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
@@ -228,13 +302,21 @@ def _mask_input_size(decoder: Any, path: str | Path) -> tuple[int, int]:
     return int(shape[2]), int(shape[3])
 
 
-def _check_pair(encoder: Any, path: str | Path, image_size: int) -> None:
-    """The encoder must be for the decoder's image size (e.g. not samkit-tiny with vit_b)."""
-    recorded = encoder.get_modelmeta().custom_metadata_map.get(META_IMAGE_SIZE)
+def _check_pair(session: Any, path: str | Path, image_size: int, role: str = "encoder",
+                model: str | None = None) -> None:
+    """A graph must be for the decoder's image size (e.g. not samkit-tiny with vit_b) and,
+    when ``model`` is given, record the same model name."""
+    meta = session.get_modelmeta().custom_metadata_map
+    recorded = meta.get(META_IMAGE_SIZE)
     if recorded is not None and int(recorded) != image_size:
         raise SamkitError(
-            f"encoder {path} is for {recorded}-px images but the decoder for {image_size}-px: "
-            "use the two files of one export"
+            f"{role} {path} is for {recorded}-px images but the decoder for {image_size}-px: "
+            "use the files of one export"
+        )
+    if model is not None and meta.get(META_MODEL) != model:
+        raise SamkitError(
+            f"{role} {path} is model {meta.get(META_MODEL)!r} but the decoder {model!r}: "
+            "use the files of one export"
         )
 
 

@@ -64,7 +64,10 @@ def small_vit(tmp_path_factory: pytest.TempPathFactory) -> tuple[Sam, Path]:
     return sam, out
 
 
-def onnx_predictor(out: Path, int8: bool = False) -> OnnxSamPredictor:
+def onnx_predictor(out: Path, int8: bool = False, shared: bool = False) -> OnnxSamPredictor:
+    """The encoder and decoder graphs, plus the shared-image decoder pair with ``shared``."""
+    if shared:
+        return OnnxSamPredictor.from_folder(out, int8=int8)
     suffix = ".int8.onnx" if int8 else ".onnx"
     return OnnxSamPredictor(out / f"encoder{suffix}", out / f"decoder{suffix}")
 
@@ -96,11 +99,14 @@ def assert_same_outputs(
     assert np.all(((o_masks > 0) == (t_masks > 0)) | (np.abs(t_masks) <= TOL))
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["decoder", "shared-image"])
 @pytest.mark.parametrize("size", [(480, 640), (700, 300), (400, 400)])
-def test_onnx_matches_pytorch(tiny: tuple[Sam, Path], size: tuple[int, int]) -> None:
+def test_onnx_matches_pytorch(tiny: tuple[Sam, Path], size: tuple[int, int],
+                              shared: bool) -> None:
     sam, out = tiny
     image = np.random.default_rng(size[0]).integers(0, 256, (*size, 3), dtype=np.uint8)
-    reference, predictor = SamPredictor(sam), onnx_predictor(out)
+    reference, predictor = SamPredictor(sam), onnx_predictor(out, shared=shared)
+    assert (predictor.decoder_prompts is not None) == shared
     reference.set_image(image)
     predictor.set_image(image)
     assert predictor.input_size == preprocess_shape(*size, sam.image_size)
@@ -115,10 +121,11 @@ def test_onnx_matches_pytorch(tiny: tuple[Sam, Path], size: tuple[int, int]) -> 
     assert masks.dtype == bool and masks.shape == (3, *size)
 
 
-def test_vit_encoder_and_another_image_size(small_vit: tuple[Sam, Path]) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["decoder", "shared-image"])
+def test_vit_encoder_and_another_image_size(small_vit: tuple[Sam, Path], shared: bool) -> None:
     sam, out = small_vit
     image = np.random.default_rng(2).integers(0, 256, (300, 700, 3), dtype=np.uint8)
-    reference, predictor = SamPredictor(sam), onnx_predictor(out)
+    reference, predictor = SamPredictor(sam), onnx_predictor(out, shared=shared)
     assert predictor.image_size == 256
     reference.set_image(image)
     predictor.set_image(image)
@@ -153,10 +160,12 @@ def test_decoder_upscales_to_any_size(tiny: tuple[Sam, Path], original: tuple[in
     assert np.abs(masks - expected.numpy()).max() <= TOL
 
 
-def test_int8_runs_and_stays_close(tiny: tuple[Sam, Path]) -> None:
+@pytest.mark.parametrize("shared", [False, True], ids=["decoder", "shared-image"])
+def test_int8_runs_and_stays_close(tiny: tuple[Sam, Path], shared: bool) -> None:
     _, out = tiny
     image = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
-    fp32, int8 = onnx_predictor(out), onnx_predictor(out, int8=True)
+    fp32, int8 = onnx_predictor(out), onnx_predictor(out, int8=True, shared=shared)
+    assert (int8.decoder_prompts is not None) == shared
     ious = []
     for predictor in (fp32, int8):
         predictor.set_image(image)
@@ -177,7 +186,8 @@ def test_export_files_and_graph_interface(tiny: tuple[Sam, Path]) -> None:
     info = json.loads((out / "samkit_onnx.json").read_text())
     assert info["model"] == "samkit-tiny" and info["image_size"] == 512 and info["trained"]
     assert set(info["files"].values()) == {
-        "encoder.onnx", "decoder.onnx", "encoder.int8.onnx", "decoder.int8.onnx"
+        "encoder.onnx", "decoder.onnx", "encoder.int8.onnx", "decoder.int8.onnx",
+        "decoder_image.onnx", "decoder_prompts.onnx", "decoder_prompts.int8.onnx",
     }
     decoder = onnx.load(str(out / "decoder.onnx"))
     assert decoder.opset_import[0].version >= 17
@@ -192,6 +202,15 @@ def test_export_files_and_graph_interface(tiny: tuple[Sam, Path]) -> None:
     assert graph["masks"] == [1, 4, "height", "width"]
     int8 = onnx.load(str(out / "decoder.int8.onnx"))
     assert {p.key: p.value for p in int8.metadata_props}["samkit.image_size"] == "512"
+    # The shared-image pair: the image graph's outputs are exactly the prompt graph's
+    # image-side inputs; prompts and the masks to upscale are dynamic.
+    image, prompts = (onnx.load(str(out / f"decoder_{n}.onnx")) for n in ("image", "prompts"))
+    products = [v.name for v in image.graph.output]
+    assert [v.name for v in image.graph.input] == ["image_embeddings"] and products
+    graph = {v.name: dims(v) for v in [*prompts.graph.input, *prompts.graph.output]}
+    assert list(graph)[: len(products)] == products
+    assert graph["mask_index"] == ["num_masks"]
+    assert graph["masks"] == [1, "num_masks", "height", "width"]
 
 
 def test_load_errors_are_one_line(tiny: tuple[Sam, Path], small_vit: tuple[Sam, Path],
@@ -209,6 +228,22 @@ def test_load_errors_are_one_line(tiny: tuple[Sam, Path], small_vit: tuple[Sam, 
     for paths, message in cases:
         with pytest.raises(SamkitError, match=message) as err:
             OnnxSamPredictor(*paths)
+        assert "\n" not in str(err.value)
+    vit = small_vit[1]
+    shared_cases = [
+        ({"decoder_image_path": out / "decoder_image.onnx"}, "or neither"),
+        ({"decoder_image_path": vit / "decoder_image.onnx",
+          "decoder_prompts_path": vit / "decoder_prompts.onnx"}, "is for 256-px images"),
+        ({"decoder_image_path": out / "decoder_image.onnx",
+          "decoder_prompts_path": vit / "decoder_prompts.onnx"}, "prompts .* is for 256-px"),
+        ({"decoder_image_path": out / "decoder_image.onnx", "decoder_prompts_path": decoder},
+         "not a samkit decoder prompts graph"),
+        ({"decoder_image_path": decoder, "decoder_prompts_path": out / "decoder_prompts.onnx"},
+         "not a samkit decoder image graph"),
+    ]
+    for kwargs, message in shared_cases:
+        with pytest.raises(SamkitError, match=message) as err:
+            OnnxSamPredictor(encoder, decoder, **kwargs)
         assert "\n" not in str(err.value)
 
 

@@ -95,15 +95,15 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class OnnxPromptPredictor:
-    """An exported encoder/decoder pair (:class:`~samkit.onnx_predictor.OnnxSamPredictor`)
-    behind the :class:`PromptPredictor` interface; the decoder graph takes one prompt set per
+    """An export's graphs (:meth:`~samkit.onnx_predictor.OnnxSamPredictor.from_folder`)
+    behind the :class:`PromptPredictor` interface; the decoder graphs take one prompt set per
     run, so a batch is decoded prompt by prompt."""
 
-    def __init__(self, encoder: Path, decoder: Path, name: str) -> None:
+    def __init__(self, folder: Path, int8: bool, name: str) -> None:
         from samkit.onnx_predictor import OnnxSamPredictor
 
         self.name = name
-        self.predictor = OnnxSamPredictor(encoder, decoder)
+        self.predictor = OnnxSamPredictor.from_folder(folder, int8=int8)
 
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
@@ -128,10 +128,10 @@ def onnx_predictors(folder: Path) -> list[OnnxPromptPredictor]:
     """The fp32 and (when exported) int8 graph pairs of a ``samkit export-onnx`` folder."""
     from samkit.errors import SamkitError
 
-    pairs = [("encoder.onnx", "decoder.onnx", "onnx fp32"),
-             ("encoder.int8.onnx", "decoder.int8.onnx", "onnx int8")]
-    found = [OnnxPromptPredictor(folder / enc, folder / dec, name)
-             for enc, dec, name in pairs if (folder / enc).is_file() and (folder / dec).is_file()]
+    pairs = [("encoder.onnx", "decoder.onnx", False, "onnx fp32"),
+             ("encoder.int8.onnx", "decoder.int8.onnx", True, "onnx int8")]
+    found = [OnnxPromptPredictor(folder, int8, name) for enc, dec, int8, name in pairs
+             if (folder / enc).is_file() and (folder / dec).is_file()]
     if not found:
         raise SamkitError(f"no encoder.onnx + decoder.onnx in {folder} (samkit export-onnx)")
     return found

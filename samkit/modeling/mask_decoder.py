@@ -98,17 +98,25 @@ class MaskDecoder(nn.Module):
         src = (image_embeddings + dense_prompt[:1]).flatten(2).transpose(1, 2)
         return ImageCache(src, image_pe.flatten(2).transpose(1, 2))
 
+    def fill_image_cache(self, cache: ImageCache, image_pe: torch.Tensor) -> ImageCache:
+        """Compute all of ``cache``'s products now rather than on the first prompt, by decoding
+        one dummy token (its output is dropped): the ONNX export's image-side graph."""
+        tokens = cache.zeros.new_zeros(1, 1, self.transformer_dim)
+        self.predict_masks(None, image_pe, tokens, None, cache, slice(0, 1))
+        return cache
+
     def predict_masks(
         self,
-        image_embeddings: torch.Tensor,
+        image_embeddings: torch.Tensor | None,
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor | None,
         image_cache: ImageCache | None = None,
         mask_tokens: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The masks of the ``mask_tokens`` (default: all ``num_mask_tokens``) and all IoU
-        scores (see :meth:`forward`)."""
+        scores (see :meth:`forward`; with ``image_cache``, ``image_embeddings`` and the dense
+        prompt are not read and may be None)."""
         batch = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat(
@@ -120,6 +128,7 @@ class MaskDecoder(nn.Module):
             image.stage = "upscale"
             patches = image.project("conv", conv_weight.T, conv_bias, with_pe=False)
         else:
+            assert image_embeddings is not None and dense_prompt_embeddings is not None
             # With no mask prompt the dense embedding is one vector broadcast (stride 0) over
             # the batch, so the image side is the same for every prompt: keep it at batch 1
             # and let attention broadcast it.

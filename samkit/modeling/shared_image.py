@@ -34,18 +34,33 @@ from samkit.modeling.transformer import Attention, TwoWayTransformer
 
 class ImageCache:
     """Products of one image's tokens with weight-derived matrices, computed on first use and
-    kept for every later prompt of the image (``src``, ``pe``: ``1 x N x C``)."""
+    kept for every later prompt of the image (``src``, ``pe``: ``1 x N x C``).
+
+    :meth:`from_products` rebuilds a full cache from :attr:`products` alone (how the ONNX
+    prompt graph receives the image side, see :mod:`samkit.onnx_export`)."""
 
     def __init__(self, src: torch.Tensor, pe: torch.Tensor) -> None:
-        self.src = src
+        self.src: torch.Tensor | None = src
         self.pe = pe
-        self._products: dict[str, torch.Tensor] = {}
+        self.zeros = src.new_zeros(src.shape[-1])  # a C-vector of the image's dtype and device
+        self.products: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_products(cls, products: dict[str, torch.Tensor], channels: int) -> ImageCache:
+        """A cache holding ``products`` only: every product a prompt needs must be there."""
+        any_product = next(iter(products.values()))
+        cache = cls(any_product.new_zeros(1, 1, channels), any_product.new_zeros(1, 1, channels))
+        cache.src = None
+        cache.products = dict(products)
+        return cache
 
     def get(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``compute()``, run on the first call for ``key`` only."""
-        if key not in self._products:
-            self._products[key] = compute()
-        return self._products[key]
+        if key not in self.products:
+            if self.src is None:
+                raise KeyError(f"image cache has no product {key!r} (and no image to compute it)")
+            self.products[key] = compute()
+        return self.products[key]
 
 
 @dataclass
@@ -67,12 +82,11 @@ class CrossTerm:
 
     def cross_layout(self, cross: torch.Tensor) -> torch.Tensor:
         """``1 x N x (h*d)`` -> ``h x N x d``, the layout :meth:`image_dot` reads."""
-        heads = self.probs.shape[1]
-        return cross[0].view(cross.shape[1], heads, -1).transpose(0, 1).contiguous()
+        return _layout(cross, self.probs.shape[1])
 
     def image_dot(self, cross: torch.Tensor) -> torch.Tensor:
         """Per token ``<Z_n, cross_n>`` (``cross`` from :meth:`cross_layout`): ``B x N x 1``."""
-        per_value = torch.einsum("bhtd,hnd->bhtn", self.values, cross)
+        per_value = _per_head(self.values, cross.transpose(1, 2))
         dot = (self.probs * per_value).sum(dim=(1, 2)).unsqueeze(-1)
         return dot if self.scale is None else dot * self.scale
 
@@ -91,7 +105,7 @@ class ImageTokens:
         self.rows: torch.Tensor | None = None  # R: B x K x C
         self.cross_terms: list[CrossTerm] = []  # L R = sum of Z W over these
         self.gammas: list[torch.Tensor] = []  # H = prod_i centre @ diag(gamma_i)
-        self.bias = torch.zeros_like(cache.src[0, 0])  # c: C
+        self.bias = cache.zeros  # c: C
         self.stage = ""  # names the cached products of the current layer
 
     def _apply_h(self, matrix: torch.Tensor) -> torch.Tensor:
@@ -101,18 +115,21 @@ class ImageTokens:
             matrix = matrix - matrix.mean(dim=0, keepdim=True)
         return matrix
 
-    def _parts(self, key: str, weight: torch.Tensor, bias: torch.Tensor,
-               with_pe: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``E (H W)`` and the prompt-independent rest ``(pe) W + c W + bias``, ``1 x N x k``
-        each, for ``X @ W`` (cached: ``c`` is weight-only too)."""
+    def _parts(self, key: str, weight: torch.Tensor, bias: torch.Tensor, with_pe: bool,
+               heads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``E (H W)`` and the prompt-independent rest ``(pe) W + c W + bias`` for ``X @ W``
+        (cached: ``c`` is weight-only too): ``1 x N x k`` each, or with ``heads`` split per
+        head as contiguous ``heads x N x (k / heads)``, the layout the attention reads."""
         cache, name = self.cache, f"{self.stage}.{key}"
-        image = cache.get(name, lambda: cache.src @ self._apply_h(weight))
+
+        def image() -> torch.Tensor:
+            return _layout(cache.src @ self._apply_h(weight), heads)
 
         def constant() -> torch.Tensor:
-            rest = (self.bias @ weight + bias).expand_as(image)
-            return rest + cache.pe @ weight if with_pe else rest
+            rest = (self.bias @ weight + bias).expand(cache.pe.shape[1], -1)[None]
+            return _layout(rest + cache.pe @ weight if with_pe else rest, heads)
 
-        return image, cache.get(f"{name}.const", constant)
+        return cache.get(name, image), cache.get(f"{name}.const", constant)
 
     def _unscaled(self, key: str, image: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
         """``image + const``, cached: all of ``X @ W`` while no prompt has touched ``X``."""
@@ -135,34 +152,30 @@ class ImageTokens:
         """``attn.attend(q, k, v)`` for projected token queries ``q`` (``B x T x D``) with
         ``k = attn.k_proj(X + pe)``, ``v = attn.v_proj(X)`` (``B x T x C``), without
         materialising ``k`` or ``v``: the scores and weighted sums go through (1) instead."""
-        k_image, k_const = (attn.split_heads(t) for t in self._parts(
-            "k", attn.k_proj.weight.T, attn.k_proj.bias, with_pe=True))
-        v_image, v_const = (attn.split_heads(t) for t in self._parts(
-            "v", attn.v_proj.weight.T, attn.v_proj.bias, with_pe=False))
-        # einsum, not broadcasting matmul: that would copy the image side per prompt.
+        heads = attn.num_heads
+        k_image, k_const = self._parts(
+            "k", attn.k_proj.weight.T, attn.k_proj.bias, with_pe=True, heads=heads)
+        v_image, v_const = self._parts(
+            "v", attn.v_proj.weight.T, attn.v_proj.bias, with_pe=False, heads=heads)
         q = attn.split_heads(q)
         q = q * q.shape[-1] ** -0.5  # B x h x T x d
         if self.scale is None:
-            k = self._unscaled("k.heads", k_image, k_const)[0]
-            scores = torch.einsum("bhtd,hnd->bhtn", q, k)
+            scores = _per_head(q, self._unscaled("k", k_image, k_const).transpose(1, 2))
         else:
             scale = self.scale.transpose(1, 2)[:, None]  # B x 1 x 1 x N
-            scores = torch.addcmul(torch.einsum("bhtd,hnd->bhtn", q, k_const[0]),
-                                   torch.einsum("bhtd,hnd->bhtn", q, k_image[0]), scale)
+            scores = torch.addcmul(_per_head(q, k_const.transpose(1, 2)),
+                                   _per_head(q, k_image.transpose(1, 2)), scale)
         if self.lhs is not None:
             rows_k = attn.split_heads(self.rows @ attn.k_proj.weight.T)  # B x h x K x d
-            scores = scores + torch.einsum("bhtk,bnk->bhtn", q @ rows_k.transpose(-1, -2),
-                                           self.lhs)
+            scores = scores + _with_lhs(q @ rows_k.transpose(-1, -2), self.lhs.transpose(1, 2))
         probs = torch.softmax(scores, dim=-1)
         if self.scale is None:
-            v = self._unscaled("v.heads", v_image, v_const)[0]
-            out = torch.einsum("bhtn,hnd->bhtd", probs, v)
+            out = _per_head(probs, self._unscaled("v", v_image, v_const))
         else:
-            out = (torch.einsum("bhtn,hnd->bhtd", probs * scale, v_image[0])
-                   + torch.einsum("bhtn,hnd->bhtd", probs, v_const[0]))
+            out = _per_head(probs * scale, v_image) + _per_head(probs, v_const)
         if self.lhs is not None:
             rows_v = attn.split_heads(self.rows @ attn.v_proj.weight.T)
-            out = out + torch.einsum("bhtn,bnk->bhtk", probs, self.lhs) @ rows_v
+            out = out + _with_lhs(probs, self.lhs) @ rows_v
         b, _, t, _ = out.shape
         return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -173,21 +186,19 @@ class ImageTokens:
         heads = attn.num_heads
         k, v = attn.split_heads(token_k), attn.split_heads(token_v)  # B x h x T x d
         k = k * k.shape[-1] ** -0.5
-        q_image, q_const = (attn.split_heads(t) for t in self._parts(
-            "q", attn.q_proj.weight.T, attn.q_proj.bias, with_pe=True))
+        q_image, q_const = self._parts(
+            "q", attn.q_proj.weight.T, attn.q_proj.bias, with_pe=True, heads=heads)
         # Scores as B x h x T x N: softmax over T on this layout is ~20x faster on CPU than
         # over a last dimension of T (= 7 for one point).
         if self.scale is None:
-            q = self._unscaled("q.heads", q_image, q_const)[0]
-            scores = torch.einsum("bhtd,hnd->bhtn", k, q)
+            scores = _per_head(k, self._unscaled("q", q_image, q_const).transpose(1, 2))
         else:
-            scores = torch.addcmul(torch.einsum("bhtd,hnd->bhtn", k, q_const[0]),
-                                   torch.einsum("bhtd,hnd->bhtn", k, q_image[0]),
+            scores = torch.addcmul(_per_head(k, q_const.transpose(1, 2)),
+                                   _per_head(k, q_image.transpose(1, 2)),
                                    self.scale.transpose(1, 2)[:, None])
         if self.lhs is not None:
             rows_q = attn.split_heads(self.rows @ attn.q_proj.weight.T)  # B x h x K x d
-            scores = scores + torch.einsum("bnk,bhkt->bhtn", self.lhs,
-                                           rows_q @ k.transpose(-1, -2))
+            scores = scores + _with_lhs(k @ rows_q.transpose(-1, -2), self.lhs.transpose(1, 2))
         probs = torch.softmax(scores, dim=2)
         b, _, t, n = probs.shape
         out_weight = attn.out_proj.weight.T  # D x C
@@ -207,9 +218,13 @@ class ImageTokens:
         assert self.lhs is not None and self.rows is not None  # after an attention
         c = self.bias.shape[0]
         bias_c = self.bias - self.bias.mean()
-        src = self.cache.src
-        centring = torch.eye(c, dtype=src.dtype, device=src.device) - 1.0 / c
-        centred = self.cache.get(f"{self.stage}.centred", lambda: src @ self._apply_h(centring))
+        cache = self.cache
+
+        def centred_image() -> torch.Tensor:
+            centring = torch.eye(c, dtype=bias_c.dtype, device=bias_c.device) - 1.0 / c
+            return cache.src @ self._apply_h(centring)
+
+        centred = cache.get(f"{self.stage}.centred", centred_image)
         centred_sq = self.cache.get(f"{self.stage}.centred_sq",
                                     lambda: (centred * centred).sum(-1, keepdim=True))
         scale = 1.0 if self.scale is None else self.scale
@@ -241,6 +256,30 @@ class ImageTokens:
         self.scale = inv_std if self.scale is None else inv_std * self.scale
         self.gammas.append(gamma)
         self.bias = norm.bias
+
+
+def _layout(image: torch.Tensor, heads: int) -> torch.Tensor:
+    """``1 x N x (h * d)`` -> contiguous ``h x N x d`` (unchanged for ``heads == 0``)."""
+    if not heads:
+        return image
+    return image[0].view(image.shape[1], heads, -1).transpose(0, 1).contiguous()
+
+
+def _per_head(small: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``small[b, h] @ image[h]`` for ``small`` ``B x h x T x k`` and an image-side
+    ``image`` ``h x k x m``: ``B x h x T x m``. One product per head over all ``B * T`` rows;
+    the image side is only read (a broadcasting matmul would copy it for every prompt), and
+    graphs get a plain MatMul (ONNX Einsum runs several times slower in onnxruntime)."""
+    b, h, t, k = small.shape
+    out = torch.matmul(small.transpose(0, 1).reshape(h, b * t, k), image)
+    return out.view(h, b, t, -1).transpose(0, 1)
+
+
+def _with_lhs(small: torch.Tensor, lhs: torch.Tensor) -> torch.Tensor:
+    """``small[b] @ lhs[b]`` per head, for ``small`` ``B x h x T x k`` and a per-prompt
+    ``lhs`` ``B x k x m``: ``B x h x T x m``."""
+    b, h, t, k = small.shape
+    return torch.matmul(small.reshape(b, h * t, k), lhs).view(b, h, t, -1)
 
 
 def two_way_shared_image(
