@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from samkit.modeling import image_encoder
-from samkit.modeling.common import Linear, linear
+from samkit.modeling.common import Linear, MLPBlock, linear, linear_gelu
 from samkit.modeling.image_encoder import (
     Attention,
     blocked_rel_pos_attention,
     decomposed_rel_pos_bias,
+    rel_pos_terms,
 )
 from samkit.modeling.mask_decoder import MaskDecoder, _patch_linear, _patches_to_image
 from samkit.modeling.transformer import TwoWayTransformer
@@ -37,6 +38,46 @@ def test_linear_on_strided_input_and_no_bias() -> None:
     x = torch.randn(64, 600, 32).transpose(0, 1)  # not contiguous
     w = torch.randn(8, 32)
     torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_linear_gelu_equals_gelu_of_linear(autocast: bool) -> None:
+    """The fused oneDNN route (inference) against ``F.gelu(F.linear(...))`` in float64."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 300, 96), torch.randn(384, 96) * 0.1, torch.randn(384) * 0.1
+    expected = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        out = linear_gelu(x, w, b)
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tol = 2e-2 if autocast else 1e-5  # bf16: a few units in the last place of 8 bits
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def test_mlp_block_fuses_gelu_only_without_gradients() -> None:
+    torch.manual_seed(0)
+    block = MLPBlock(48, 192)
+    x = torch.randn(1, 20, 20, 48, requires_grad=True)
+    expected = block.lin2(F.gelu(F.linear(x, block.lin1.weight, block.lin1.bias)))
+    out = block(x)  # gradients on: the unfused route, which autograd differentiates
+    out.sum().backward()
+    assert x.grad is not None
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_size, k_size", [((14, 14), (14, 14)), ((5, 7), (5, 7)),
+                                            ((6, 4), (8, 8))])
+def test_bf16_rel_pos_bias_by_one_hot_product_is_exact(q_size: tuple[int, int],
+                                                      k_size: tuple[int, int]) -> None:
+    """bf16 on the CPU builds the bias as ``[rel_h, rel_w] @ one-hot``: bit for bit the sums
+    of the broadcast add (each sum of two bf16 terms, rounded once)."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 2, q_size[0] * q_size[1], 16).bfloat16()
+    rel_pos_h = torch.randn(2 * max(q_size[0], k_size[0]) - 1, 16)
+    rel_pos_w = torch.randn(2 * max(q_size[1], k_size[1]) - 1, 16)
+    bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, q_size, k_size)
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
+    assert torch.equal(bias, (rel_h[..., :, None] + rel_w[..., None, :]).view(bias.shape))
 
 
 def test_channels_last_upscaler_equals_the_conv_stack() -> None:

@@ -35,6 +35,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
+# oneDNN convolution with an element-wise post-op: PyTorch's own CPU fusion kernel (what
+# torch.compile's CPU backend emits), present in builds with oneDNN.
+_CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(linear(x, weight, bias))`` (exact, erf GELU). At inference on the CPU oneDNN
+    applies the GELU while writing the product (one pass less over an output that is 4x the
+    input in a ViT MLP), in fp32 or in the autocast dtype."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if (_CONV_POINTWISE is None or torch.is_grad_enabled() or not eager_on_cpu(x)
+            or rows < _ONEDNN_MIN_ROWS or not x.is_contiguous()
+            or dtype not in (torch.float32, torch.bfloat16)):
+        return F.gelu(linear(x, weight, bias))
+    image = x.to(dtype).reshape(1, 1, rows, x.shape[-1]).permute(0, 3, 1, 2)
+    out = _CONV_POINTWISE(image, weight.to(dtype)[:, :, None, None], bias.to(dtype),
+                          [0, 0], [1, 1], [1, 1], 1, "gelu", [None], "none")
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, same state dict) computed by :func:`linear`."""
 
@@ -67,6 +88,8 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.act, nn.GELU) and self.act.approximate == "none":
+            return self.lin2(linear_gelu(x, self.lin1.weight, self.lin1.bias))
         return self.lin2(self.act(self.lin1(x)))
 
 

@@ -116,6 +116,10 @@ class Block(nn.Module):
         h, w = x.shape[1], x.shape[2]
         y = self.norm1(x)
         if self.window_size > 0:
+            # Under autocast the qkv product takes its input in the low precision anyway:
+            # casting first moves half the bytes through the partition copies.
+            if torch.is_autocast_enabled(y.device.type):
+                y = y.to(torch.get_autocast_dtype(y.device.type))
             y, padded_hw = window_partition(y, self.window_size)
             y = self.attn(y)
             y = window_unpartition(y, self.window_size, padded_hw, (h, w))
@@ -282,6 +286,20 @@ def decomposed_rel_pos_bias(
     ``q`` is ``B x heads x (qh*qw) x d``.
     """
     rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
-    bias = rel_h[..., :, None] + rel_w[..., None, :]
     b, n_heads = q.shape[:2]
-    return bias.view(b, n_heads, q_size[0] * q_size[1], k_size[0] * k_size[1])
+    kh, kw = k_size
+    if q.dtype == torch.bfloat16 and eager_on_cpu(q):
+        # bf16 broadcast adds with a last dimension of kw (14) run ~10x slower on the CPU
+        # than this product with one-hot key positions: the same sums, each rounded once.
+        terms = torch.cat([rel_h, rel_w], dim=-1).view(b, n_heads, -1, kh + kw)
+        return terms @ _key_positions(kh, kw, q.dtype, q.device)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]
+    return bias.view(b, n_heads, q_size[0] * q_size[1], kh * kw)
+
+
+def _key_positions(kh: int, kw: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(kh + kw) x (kh * kw)`` one-hot rows: key ``(i, j)`` has a 1 in row ``i`` and in row
+    ``kh + j``, so ``[rel_h, rel_w] @ this`` is ``rel_h[..., i] + rel_w[..., j]``."""
+    rows = torch.eye(kh, dtype=dtype, device=device)[:, :, None].expand(kh, kh, kw)
+    cols = torch.eye(kw, dtype=dtype, device=device)[:, None, :].expand(kw, kh, kw)
+    return torch.cat([rows.reshape(kh, kh * kw), cols.reshape(kw, kh * kw)])
