@@ -177,3 +177,20 @@ def test_exported_or_compiled_graphs_keep_plain_products(monkeypatch: pytest.Mon
     assert convs == []
     with torch.inference_mode():
         assert not image_encoder._blocked_attention_applies(q)
+
+
+def test_torch_compile_of_the_encoder_equals_eager() -> None:
+    """The encoder compiles (inductor) with samkit's eager-only kernels switched off, and
+    gives the eager outputs; ``benchmarks/compile.py`` times it."""
+    from samkit import build_sam
+    from samkit.build import SamConfig, ViTConfig
+
+    torch.manual_seed(1)
+    config = SamConfig(ViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,)),
+                       image_size=256)
+    encoder = build_sam(config).eval().image_encoder
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        compiled = torch.compile(encoder)(x)
+        torch.testing.assert_close(compiled, encoder(x), rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
