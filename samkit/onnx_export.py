@@ -405,6 +405,7 @@ def write_info(sam: Sam, path: Path, model_name: str, paths: dict[str, Path]) ->
         "encoder_input": "image: h x w x 3 uint8 RGB, resized so max(h, w) == image_size",
         "decoder_inputs": DECODER_INPUTS,
         "decoder_outputs": DECODER_OUTPUTS,
+        "decoder_prompts_inputs": ["<decoder_image outputs>", *PROMPTS_INPUTS],
         "files": {role: p.name for role, p in paths.items()},
     }
     path.write_text(json.dumps(info, indent=2) + "\n")
@@ -438,8 +439,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         "export-onnx",
         help="export the encoder and decoder to ONNX (for onnxruntime)",
         description="Write encoder.onnx (resized uint8 image -> embedding), decoder.onnx "
-        "(embedding + prompts -> masks at the original size) and samkit_onnx.json into DIR. "
-        "See docs/onnx.md.",
+        "(embedding + prompts -> masks at the original size), the faster shared-image decoder "
+        "pair decoder_image.onnx (once per image) + decoder_prompts.onnx (per prompt) and "
+        "samkit_onnx.json into DIR. See docs/onnx.md.",
     )
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="NAME",
