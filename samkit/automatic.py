@@ -111,6 +111,9 @@ class AutomaticMaskGenerator:
       ``crop_n_points_downscale_factor`` fewer points per side per layer.
     * ``min_mask_region_area``: fill holes and drop islands smaller than this (0 = off).
     * ``output_mode``: ``"binary_mask"``, ``"uncompressed_rle"`` or ``"coco_rle"``.
+
+    samkit's addition: ``encoder_dtype=torch.bfloat16`` embeds each crop under bf16 autocast
+    (see :class:`~samkit.predictor.SamPredictor`).
     """
 
     # Bound on the full-resolution logit pixels held at once (64 Mi float32 = 256 MiB).
@@ -132,6 +135,7 @@ class AutomaticMaskGenerator:
         point_grids: Sequence[np.ndarray] | None = None,
         min_mask_region_area: int = 0,
         output_mode: str = "binary_mask",
+        encoder_dtype: torch.dtype | None = None,
     ) -> None:
         _check_int("points_per_batch", points_per_batch, 1)
         _check_int("crop_n_layers", crop_n_layers, 0)
@@ -153,7 +157,7 @@ class AutomaticMaskGenerator:
         self.point_grids = _layer_point_grids(
             points_per_side, point_grids, crop_n_layers, crop_n_points_downscale_factor
         )
-        self.predictor = SamPredictor(model)
+        self.predictor = SamPredictor(model, encoder_dtype=encoder_dtype)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh

@@ -82,8 +82,11 @@ class GeneratorSpec:
     stability_score_thresh: float = 0.95
     crop_n_layers: int = 0
     min_mask_region_area: int = 0
+    bf16: bool = False  # image encoder under bf16 autocast
 
     def __call__(self) -> LoadedGenerator:
+        import torch
+
         from samkit.automatic import AutomaticMaskGenerator
         from samkit.segment import ModelChoice, build_model
 
@@ -97,6 +100,7 @@ class GeneratorSpec:
             crop_n_layers=self.crop_n_layers,
             min_mask_region_area=self.min_mask_region_area,
             output_mode="coco_rle",
+            encoder_dtype=torch.bfloat16 if self.bf16 else None,
         )
         return LoadedGenerator(generator.generate, self.model, trained)
 
@@ -452,6 +456,7 @@ def one_line(err: BaseException) -> str:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``samkit everything``."""
     from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS
+    from samkit.segment import BF16_HELP
 
     parser = subparsers.add_parser(
         "everything",
@@ -482,6 +487,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                         help="also run on N layers of zoomed-in crops (default 0)")
     parser.add_argument("--min-mask-region-area", type=int, default=0, metavar="N",
                         help="remove holes and islands smaller than N px (default 0: off)")
+    parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
     parser.add_argument("--overlay", action="store_true",
                         help="also write <name>.overlay.png with the masks drawn")
     parser.add_argument("--shard", metavar="i/n",
@@ -519,6 +525,7 @@ def run(args: argparse.Namespace) -> int:
         stability_score_thresh=args.stability_score_thresh,
         crop_n_layers=args.crop_n_layers,
         min_mask_region_area=args.min_mask_region_area,
+        bf16=args.bf16,
     )
     desc = "everything" if shard[1] == 1 else f"everything {shard[0]}/{shard[1]}"
     if args.engine == "ray":

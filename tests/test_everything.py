@@ -400,3 +400,22 @@ def test_ray_engine_matches_local_engine(tmp_path):
     summary = run_everything_ray(items[1:], ray_out, FakeFactory())
     assert (summary.done, summary.skipped) == (0, 2)
     assert not ray.is_initialized()
+
+
+def test_bf16_flag_reaches_the_generator_spec_and_its_predictor(tmp_path, monkeypatch):
+    """``--bf16`` sets the spec (shipped to torchrun ranks / Ray actors as it is), and the
+    spec builds a generator whose predictor embeds under bf16 autocast."""
+    import torch
+
+    specs = []
+    monkeypatch.setattr(GeneratorSpec, "__call__",
+                        lambda self: specs.append(self) or FakeFactory()())
+    make_images(tmp_path / "in", ["a.png"])
+    assert cli.main(["everything", str(tmp_path / "in"), "-o", str(tmp_path / "out"),
+                     "--bf16"]) == 0
+    assert [spec.bf16 for spec in specs] == [True]
+    monkeypatch.undo()
+    loaded = GeneratorSpec(model="samkit-tiny", device="cpu", bf16=True)()
+    assert loaded.generate.__self__.predictor.encoder_dtype == torch.bfloat16
+    assert GeneratorSpec(model="samkit-tiny", device="cpu")().generate.__self__.predictor \
+        .encoder_dtype is None

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -117,6 +118,25 @@ def test_single_point_gives_three_masks_and_loud_untrained_warning(
     assert result["prompts"] == {"points": [[120.0, 100.0]], "labels": [1], "box": None}
     assert "WARNING" in err and "RANDOM" in err
     assert str(out_dir / "mask.png") in out and "best" in out
+
+
+def test_bf16_flag_runs_the_encoder_in_bf16_and_says_so(
+    grabcut_photo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from samkit import predictor
+
+    dtypes = []
+    encode = predictor.SamPredictor._encode
+    monkeypatch.setattr(predictor.SamPredictor, "_encode",
+                        lambda self, images: dtypes.append(self.encoder_dtype) or encode(self, images))
+    for flags, dtype in (([], "float32"), (["--bf16"], "bfloat16")):
+        out_dir = tmp_path / dtype
+        code, _, err = run_cli(["segment", str(grabcut_photo), "--point", "120,100", "-o",
+                                str(out_dir), *flags], capsys)
+        assert code == 0, err
+        assert check_outputs(out_dir, grabcut_photo)["encoder_dtype"] == dtype
+    assert dtypes == [None, torch.bfloat16]
 
 
 def test_box_with_points_gives_one_mask(
