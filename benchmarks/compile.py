@@ -60,8 +60,8 @@ def main() -> None:
         compile_s = time.perf_counter() - start
         out_eager = run(encoder)
         diff = (out_compiled.float() - out_eager.float()).abs().max().item()
-        eager_ms = median_ms(lambda: run(encoder), args.reps)
-        compiled_ms = median_ms(lambda: run(compiled), args.reps)
+        eager_ms = median_ms(lambda run=run: run(encoder), args.reps)
+        compiled_ms = median_ms(lambda run=run, c=compiled: run(c), args.reps)
         print(f"| {name} | {compile_s:.0f} | {eager_ms:.0f} | {compiled_ms:.0f} | "
               f"{compiled_ms / eager_ms:.2f} | {diff:.1e} |")
         torch._dynamo.reset()
