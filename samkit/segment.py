@@ -64,8 +64,8 @@ class ModelChoice:
 
 
 BF16_HELP = ("run the image encoder under bf16 autocast: about 4-5x the official fp32 speed "
-             "on CPUs with AVX-512 BF16 (or AMX) and on GPUs; slow on CPUs without them. "
-             "Masks nearly equal fp32 (see README, Speed)")
+             "on a CPU with native bf16 (AVX-512 BF16 / AMX); masks nearly equal fp32 "
+             "(README, Speed)")
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
