@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.modeling.common import DropPath, LayerNorm2d, Linear
+from samkit.modeling.common import DropPath, LayerNorm2d, Linear, linear_gelu
 
 # The unused ImageNet classifier is kept only so the checkpoint's keys load strictly.
 _IMAGENET_CLASSES = 1000
@@ -132,10 +132,10 @@ class Mlp(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fc1 = Linear(dim, hidden_dim)
         self.fc2 = Linear(hidden_dim, dim)
-        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        # the GELU runs inside the fc1 product at inference (see linear_gelu)
+        return self.fc2(linear_gelu(self.norm(x), self.fc1.weight, self.fc1.bias))
 
 
 def attention_bias_index(height: int, width: int) -> torch.Tensor:
