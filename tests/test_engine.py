@@ -166,6 +166,29 @@ def test_embedding_computed_once_and_reused_from_disk(
     assert result.status_code == 200, result.text
 
 
+def test_bf16_service_embeds_in_bf16_and_caches_apart(
+    project: Project, service: ModelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``samkit annotate --bf16``: bf16 embeddings live in their own cache folder, so an fp32
+    server never reads them (and the reverse)."""
+    image = project.db.images()[0]
+    service.ensure_embedding(image)
+    fp32_path = project.embedding_path(1, image.id)
+    assert fp32_path.is_file()
+    bf16 = ModelService(project, "cpu", loader=small_loader, encoder_dtype=torch.bfloat16)
+    assert not bf16.has_embedding(image.id)  # the fp32 file is not its cache
+    from samkit.predictor import SamPredictor
+
+    dtypes = []
+    encode = SamPredictor._encode
+    monkeypatch.setattr(SamPredictor, "_encode",
+                        lambda self, images: dtypes.append(self.encoder_dtype) or encode(self, images))
+    bf16.ensure_embedding(image)
+    assert dtypes == [torch.bfloat16]
+    assert project.embedding_path(1, image.id, "bfloat16").is_file()
+    assert bf16.has_embedding(image.id) and service.has_embedding(image.id)
+
+
 def test_decode_masks_are_rle_of_the_image_size(client: TestClient) -> None:
     one_point = client.post("/api/images/2/decode", json={"points": [[30, 20, 1]]}).json()
     assert len(one_point["masks"]) == 3  # ambiguous: the paper's three masks

@@ -107,6 +107,21 @@ def test_auto_is_sharded_resumable_and_skips_annotated_images(project: Project) 
     assert len(project.db.annotations(stages=(3,))) == len(rows)
 
 
+def test_auto_bf16_flag_reaches_the_generator_spec(
+    project: Project, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from samkit.engine import stages
+
+    specs = []
+    monkeypatch.setattr(stages, "run_auto",
+                        lambda project, version, shard, spec: specs.append(spec)
+                        or run_auto(project, version, shard, small_generator))
+    for flags in ([], ["--bf16"]):
+        code, _, err = run(["engine", "auto", str(project.root), *flags], capsys)
+        assert code == 0, err
+    assert [spec.bf16 for spec in specs] == [False, True]
+
+
 def test_auto_killed_midway_redoes_only_the_unfinished_image(project: Project) -> None:
     version = project.db.current_model_version()
     real = small_generator()

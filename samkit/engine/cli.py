@@ -15,6 +15,8 @@ from samkit.errors import SamkitError
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``samkit annotate`` and ``samkit engine``."""
+    from samkit.segment import BF16_HELP
+
     annotate = subparsers.add_parser(
         "annotate", help="the data engine's annotation web app (paper §4)",
         description="Serve the annotation web app for PROJECT_DIR, creating the project (and "
@@ -31,6 +33,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                           "not loopback)")
     annotate.add_argument("--device", metavar="cpu|cuda",
                           help="default: cuda if available, else cpu")
+    annotate.add_argument("--bf16", action="store_true",
+                          help=BF16_HELP + "; bf16 embeddings are cached apart from fp32 ones")
     annotate.add_argument("--max-upload-mb", type=float, default=50.0, metavar="MB",
                           help="largest image upload accepted (default 50)")
     annotate.set_defaults(func=run_annotate)
@@ -60,6 +64,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     auto.add_argument("--model-version", type=int, metavar="V",
                       help="model version to use (default: the project's current one)")
     auto.add_argument("--device", metavar="cpu|cuda")
+    auto.add_argument("--bf16", action="store_true", help=BF16_HELP)
     auto.set_defaults(func=run_auto)
 
     retrain = commands.add_parser(
@@ -140,6 +145,7 @@ def run_init(args: argparse.Namespace) -> int:
 
 
 def run_annotate(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from samkit.engine.model_service import ModelService
@@ -154,7 +160,8 @@ def run_annotate(args: argparse.Namespace) -> int:
     token, generated = resolve_token(args.host, args.token)
     device = resolve_device(args.device)
     project = open_project(args.project, args.images, args.model, args.checkpoint)
-    service = ModelService(project, device)
+    service = ModelService(project, device,
+                           encoder_dtype=torch.bfloat16 if args.bf16 else None)
     if not service.trained:
         print(f"WARNING: model version {service.version.id} ({service.version.model}) has "
               "RANDOM weights: its masks mean nothing until it is trained", file=sys.stderr)
@@ -185,7 +192,7 @@ def run_auto(args: argparse.Namespace) -> int:
         model=version.model, checkpoint=project.checkpoint_path(version), device=args.device,
         points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_score_thresh, crop_n_layers=args.crop_n_layers,
-        min_mask_region_area=args.min_mask_region_area,
+        min_mask_region_area=args.min_mask_region_area, bf16=args.bf16,
     )
     summary = auto(project, version, shard, spec)
     print(f"engine auto {shard[0]}/{shard[1]}: {summary}")

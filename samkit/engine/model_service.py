@@ -76,8 +76,9 @@ class _ReusingPredictor(_EmbeddingPredictor):
     cached embedding when asked for the very same pixels (with no crop layers the generator
     passes a full-image view of the array it was given), instead of encoding them again."""
 
-    def __init__(self, model: Sam, pixels: np.ndarray, embedded: EmbeddedImage) -> None:
-        super().__init__(model)
+    def __init__(self, model: Sam, pixels: np.ndarray, embedded: EmbeddedImage,
+                 encoder_dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, encoder_dtype=encoder_dtype)
         self._pixels = pixels
         self._embedded = embedded
 
@@ -94,9 +95,13 @@ class ModelService:
 
     def __init__(self, project: Project, device: str = "cpu",
                  loader: ModelLoader = load_version_model,
-                 decode_threads: int | None = DECODE_THREADS) -> None:
+                 decode_threads: int | None = DECODE_THREADS,
+                 encoder_dtype: torch.dtype | None = None) -> None:
         self.project = project
         self.device = device
+        # bf16 embeddings are cached apart from fp32 ones (see Project.embedding_path).
+        self.encoder_dtype = encoder_dtype
+        self._variant = "" if encoder_dtype is None else str(encoder_dtype).removeprefix("torch.")
         # None: torch's default; on CUDA the CPU thread count does not matter.
         self.decode_threads = decode_threads if device == "cpu" else None
         self._loader = loader
@@ -113,7 +118,7 @@ class ModelService:
         self.version = version
         self.model = model
         self.trained = is_trained(model)
-        self._predictor = _EmbeddingPredictor(model)
+        self._predictor = _EmbeddingPredictor(model, encoder_dtype=self.encoder_dtype)
         self._current: tuple[int, int] | None = None  # (version, image) in the predictor
         self._memory.clear()
 
@@ -154,7 +159,10 @@ class ModelService:
     # ------------------------------------------------------------------ embeddings
     def has_embedding(self, image_id: int) -> bool:
         return ((self.version.id, image_id) in self._memory
-                or self.project.embedding_path(self.version.id, image_id).is_file())
+                or self._embedding_path(image_id).is_file())
+
+    def _embedding_path(self, image_id: int) -> Path:
+        return self.project.embedding_path(self.version.id, image_id, self._variant)
 
     def ensure_embedding(self, image: ImageRow, patience: float = CLICK_PATIENCE_S, *,
                          background: bool = False) -> None:
@@ -170,7 +178,7 @@ class ModelService:
         if key in self._memory:
             self._memory.move_to_end(key)
             return self._memory[key]
-        path = self.project.embedding_path(*key)
+        path = self._embedding_path(image.id)
         embedded = _read_embedding(path, self.model.device) if path.is_file() else None
         if embedded is None:
             pixels = load_image(self.project.image_path(image.file_name))
@@ -221,7 +229,8 @@ class ModelService:
         with self.using_model(f"segmenting everything in image {image.id}", patience,
                               background=background):
             generator = AutomaticMaskGenerator(self.model, output_mode="coco_rle", **options)
-            generator.predictor = _ReusingPredictor(self.model, pixels, self._embedding(image))
+            generator.predictor = _ReusingPredictor(self.model, pixels, self._embedding(image),
+                                                    self.encoder_dtype)
             return generator.generate(pixels)
 
     # ------------------------------------------------------------------ versions

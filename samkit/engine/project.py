@@ -87,8 +87,11 @@ class Project:
         """The file of image ``file_name`` (validated, and inside ``images/``)."""
         return _inside(self.images_dir, check_image_name(file_name))
 
-    def embedding_path(self, version_id: int, image_id: int) -> Path:
-        return self.embeddings_dir / f"v{int(version_id)}" / f"{int(image_id)}.safetensors"
+    def embedding_path(self, version_id: int, image_id: int, variant: str = "") -> Path:
+        """Where an image's embedding by a model version is cached; ``variant`` (e.g.
+        ``"bf16"``) keeps embeddings computed another way apart."""
+        folder = f"v{int(version_id)}" + (f"-{variant}" if variant else "")
+        return self.embeddings_dir / folder / f"{int(image_id)}.safetensors"
 
     def checkpoint_path(self, version: ModelVersion) -> Path | None:
         """The weights of a model version: absolute paths were given on the command line by
