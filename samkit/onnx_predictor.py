@@ -152,31 +152,31 @@ class OnnxSamPredictor:
         else 1.
         """
         self._require_image()
-        feeds = self.decoder_inputs(point_coords, point_labels, box, mask_input)
+        feeds = self._prompt_feeds(point_coords, point_labels, box, mask_input)
         selected = MULTIMASK if multimask_output else SINGLE_MASK
         if self.decoder_prompts is not None and mask_input is None:
-            del feeds["image_embeddings"], feeds["mask_input"], feeds["has_mask_input"]
             feeds.update(self.image_products, mask_index=MASK_INDEX[multimask_output])
             masks, scores, low_res = self.decoder_prompts.run(None, feeds)
             masks = masks[0]  # the graph upscaled just the selected masks
         else:
+            feeds.update(self._image_feeds(mask_input))
             masks, scores, low_res = self.decoder.run(None, feeds)
             masks = masks[0, selected]
         if not return_logits:
             masks = masks > MASK_THRESHOLD
         return masks, scores[0, selected], low_res[0, selected]
 
-    def decoder_inputs(
+    def _prompt_feeds(
         self,
         point_coords: np.ndarray | None,
         point_labels: np.ndarray | None,
         box: np.ndarray | None,
         mask_input: np.ndarray | None,
     ) -> dict[str, np.ndarray]:
-        """Validate the prompts and lay them out as the decoder graph takes them: points then
+        """Validate the prompts and lay them out as both decoder graphs take them: points then
         box corners (labels 2, 3) in the resized frame, plus one padding point when there is
         no box (the token layout the PyTorch prompt encoder builds)."""
-        assert self.original_size is not None and self.features is not None
+        assert self.original_size is not None
         if point_coords is None and box is None and mask_input is None:
             raise SamkitError("no prompt given: pass points, a box or a mask input")
         coords = [np.zeros((0, 2), np.float32)]
@@ -193,18 +193,23 @@ class OnnxSamPredictor:
         elif point_coords is not None:
             coords.append(np.zeros((1, 2), np.float32))
             labels.append(np.array([LABEL_PAD], np.float32))
-        has_mask = mask_input is not None
-        if has_mask:
+        return {
+            "point_coords": np.concatenate(coords)[None],
+            "point_labels": np.concatenate(labels)[None],
+            "orig_im_size": np.array(self.original_size, np.float32),
+        }
+
+    def _image_feeds(self, mask_input: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The embedding and mask-prompt inputs of ``decoder.onnx``."""
+        assert self.features is not None
+        if mask_input is not None:
             masks = self._check_mask_input(mask_input)
         else:  # ignored by the graph (has_mask_input = 0), but it needs a tensor
             masks = np.zeros(self.mask_input_size, np.float32)
         return {
             "image_embeddings": self.features,
-            "point_coords": np.concatenate(coords)[None],
-            "point_labels": np.concatenate(labels)[None],
             "mask_input": masks[None, None],
-            "has_mask_input": np.array([float(has_mask)], np.float32),
-            "orig_im_size": np.array(self.original_size, np.float32),
+            "has_mask_input": np.array([float(mask_input is not None)], np.float32),
         }
 
     def _to_input_frame(self, coords: np.ndarray) -> np.ndarray:

@@ -89,7 +89,7 @@ class Project:
 
     def embedding_path(self, version_id: int, image_id: int, variant: str = "") -> Path:
         """Where an image's embedding by a model version is cached; ``variant`` (e.g.
-        ``"bf16"``) keeps embeddings computed another way apart."""
+        ``"bfloat16"``) keeps embeddings computed another way apart."""
         folder = f"v{int(version_id)}" + (f"-{variant}" if variant else "")
         return self.embeddings_dir / folder / f"{int(image_id)}.safetensors"
 

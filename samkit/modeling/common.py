@@ -18,6 +18,24 @@ def eager_on_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not (torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
+def _onednn_rows(x: torch.Tensor) -> int:
+    """The rows of ``x`` (``... x C``) when the oneDNN route applies to it, else 0. A strided
+    input would be copied first, so it takes the plain route."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    applies = eager_on_cpu(x) and rows >= _ONEDNN_MIN_ROWS and x.is_contiguous()
+    return rows if applies else 0
+
+
+def _as_image(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``... x C`` -> the channels-last ``1 x C x 1 x rows`` view a 1 x 1 conv reads."""
+    return x.reshape(1, 1, rows, x.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _from_image(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 1 x 1 conv's ``1 x C' x 1 x rows`` output -> ``... x C'`` in the shape of ``x``."""
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], out.shape[1])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``; on the CPU, large products go through oneDNN as a 1 x 1 convolution.
 
@@ -27,12 +45,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     A ``... x C`` tensor viewed as a channels-last ``1 x C x 1 x rows`` image is a 1 x 1
     convolution's input as it is: no copies, fp32 throughout, gradients as usual.
     """
-    rows = x.numel() // max(x.shape[-1], 1)
-    if not eager_on_cpu(x) or rows < _ONEDNN_MIN_ROWS or not x.is_contiguous():
-        return F.linear(x, weight, bias)  # (a strided input would be copied first)
-    image = x.reshape(1, 1, rows, x.shape[-1]).permute(0, 3, 1, 2)
-    out = F.conv2d(image, weight[:, :, None, None], bias)
-    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+    rows = _onednn_rows(x)
+    if not rows:
+        return F.linear(x, weight, bias)
+    return _from_image(F.conv2d(_as_image(x, rows), weight[:, :, None, None], bias), x)
 
 
 # oneDNN convolution with an element-wise post-op: PyTorch's own CPU fusion kernel (what
@@ -44,16 +60,14 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     """``F.gelu(linear(x, weight, bias))`` (exact, erf GELU). At inference on the CPU oneDNN
     applies the GELU while writing the product (one pass less over an output that is 4x the
     input in a ViT MLP), in fp32 or in the autocast dtype."""
-    rows = x.numel() // max(x.shape[-1], 1)
+    rows = _onednn_rows(x)
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if (_CONV_POINTWISE is None or torch.is_grad_enabled() or not eager_on_cpu(x)
-            or rows < _ONEDNN_MIN_ROWS or not x.is_contiguous()
+    if (not rows or _CONV_POINTWISE is None or torch.is_grad_enabled()
             or dtype not in (torch.float32, torch.bfloat16)):
         return F.gelu(linear(x, weight, bias))
-    image = x.to(dtype).reshape(1, 1, rows, x.shape[-1]).permute(0, 3, 1, 2)
-    out = _CONV_POINTWISE(image, weight.to(dtype)[:, :, None, None], bias.to(dtype),
-                          [0, 0], [1, 1], [1, 1], 1, "gelu", [None], "none")
-    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+    out = _CONV_POINTWISE(_as_image(x.to(dtype), rows), weight.to(dtype)[:, :, None, None],
+                          bias.to(dtype), [0, 0], [1, 1], [1, 1], 1, "gelu", [None], "none")
+    return _from_image(out, x)
 
 
 class Linear(nn.Linear):
