@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from samkit.errors import SamkitError
+from samkit.modeling.hed import HED_PIXEL_MEAN, HED_PIXEL_STD
 from samkit.modeling.image_encoder import ImageEncoderViT
 from samkit.modeling.mask_decoder import MaskDecoder
 from samkit.modeling.prompt_encoder import PromptEncoder
-from samkit.modeling.sam import Sam
+from samkit.modeling.sam import PIXEL_MEAN, PIXEL_STD, Sam
 from samkit.modeling.transformer import TwoWayTransformer
 
 BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -49,10 +50,16 @@ class TinyViTConfig:
 
 
 @dataclass(frozen=True)
+class HedConfig:
+    """HED's VGG16 blocks 1-4 (frozen, pretrained) + a small trainable neck: samkit-tiny's
+    encoder (``samkit.modeling.hed_encoder``). It takes RGB minus HED's pixel mean."""
+
+
+@dataclass(frozen=True)
 class SamConfig:
     """Everything needed to build a SAM; the prompt encoder / decoder are the paper's."""
 
-    encoder: ViTConfig | TinyViTConfig
+    encoder: ViTConfig | TinyViTConfig | HedConfig
     image_size: int = 1024
     prompt_embed_dim: int = 256
     mask_in_chans: int = 16
@@ -80,10 +87,11 @@ MODEL_CONFIGS: dict[str, SamConfig] = {
     ),
     "vit_t": SamConfig(TinyViTConfig(), description="MobileSAM TinyViT-5M (10M)"),
     "samkit-tiny": SamConfig(
-        TinyViTConfig(),
+        HedConfig(),
         image_size=512,
         bundled_weights="samkit_tiny.safetensors",
-        description="samkit's default: TinyViT-5M at 512 px, trained with samkit train",
+        description="samkit's default (12M): HED VGG16 stem + SAM decoder at 512 px, "
+                    "trained with samkit train",
     ),
 }
 DEFAULT_MODEL = "samkit-tiny"
@@ -112,6 +120,10 @@ def build_image_encoder(cfg: SamConfig, drop_path_rate: float = 0.0) -> nn.Modul
             global_attn_indexes=enc.global_attn_indexes,
             drop_path_rate=drop_path_rate,
         )
+    if isinstance(enc, HedConfig):
+        from samkit.modeling.hed_encoder import HedEncoder
+
+        return HedEncoder(img_size=cfg.image_size, out_chans=cfg.prompt_embed_dim)
     from samkit.modeling.tiny_vit import TinyViT
 
     return TinyViT(
@@ -129,6 +141,7 @@ def build_image_encoder(cfg: SamConfig, drop_path_rate: float = 0.0) -> nn.Modul
 def build_sam_from_config(cfg: SamConfig, drop_path_rate: float = 0.0) -> Sam:
     """A randomly initialised SAM for ``cfg`` (eval mode)."""
     grid = cfg.embedding_size
+    hed = isinstance(cfg.encoder, HedConfig)
     model = Sam(
         image_encoder=build_image_encoder(cfg, drop_path_rate),
         prompt_encoder=PromptEncoder(
@@ -147,6 +160,8 @@ def build_sam_from_config(cfg: SamConfig, drop_path_rate: float = 0.0) -> Sam:
             ),
             num_multimask_outputs=cfg.num_multimask_outputs,
         ),
+        pixel_mean=HED_PIXEL_MEAN if hed else PIXEL_MEAN,
+        pixel_std=HED_PIXEL_STD if hed else PIXEL_STD,
     )
     return model.eval()
 
@@ -240,9 +255,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """Which registry model a state dict's keys and shapes belong to, if any."""
-    for name, cfg in MODEL_CONFIGS.items():
-        if name == DEFAULT_MODEL:
-            continue  # same layout as vit_t; told apart only by metadata
+    for name in MODEL_CONFIGS:
         if _fits(state_dict, _reference_shapes(name)):
             return name
     return None

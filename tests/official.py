@@ -17,6 +17,8 @@ import pytest
 
 
 def official_modeling() -> types.ModuleType:
+    if "segment_anything.modeling" in sys.modules:
+        return sys.modules["segment_anything.modeling"]
     spec = importlib.util.find_spec("segment_anything")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("segment-anything==1.0 (test-only oracle) is not installed")

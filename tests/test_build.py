@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from samkit.build import (
     build_sam_from_config,
     checkpoint_metadata,
     detect_model_type,
+    get_config,
     save_checkpoint,
 )
 
@@ -138,3 +140,37 @@ def test_untrained_default_is_flagged() -> None:
     model = build_sam()  # samkit-tiny; weights bundled only once trained
     bundled = Path(__file__).resolve().parents[1] / "samkit" / "weights" / "samkit_tiny.safetensors"
     assert is_trained(model) == bundled.is_file()
+
+
+BUNDLED_TINY = Path(__file__).resolve().parents[1] / "samkit" / "weights" / "samkit_tiny.safetensors"
+GRABCUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grabcut"
+
+
+@pytest.mark.skipif(not BUNDLED_TINY.is_file(), reason="samkit-tiny's weights are not bundled")
+def test_shipped_samkit_tiny_loads_strictly_and_segments() -> None:
+    """The bundled fp16 file loads strictly (build_sam's default path) and its box mask of
+    a shared photo matches the ground truth (IoU >= 0.7)."""
+    import cv2
+
+    from samkit import SamPredictor
+    from samkit.build import load_into, load_state_dict
+    from samkit.images import load_image
+
+    assert BUNDLED_TINY.stat().st_size <= 25 * 2**20
+    model = build_sam()
+    assert is_trained(model)
+    load_into(build_sam_from_config(get_config("samkit-tiny")), load_state_dict(BUNDLED_TINY),
+              "samkit-tiny", str(BUNDLED_TINY))  # strict: every key, every shape
+    if not GRABCUT.is_dir():
+        pytest.skip("shared GrabCut data not present")
+    image = load_image(GRABCUT / "images" / "banana1.png")
+    gt = cv2.imread(str(GRABCUT / "masks" / "banana1.png"), cv2.IMREAD_GRAYSCALE)
+    predictor = SamPredictor(model)
+    predictor.set_image(image)
+    ys, xs = np.nonzero(gt == 255)
+    masks, _, _ = predictor.predict(box=np.array([xs.min(), ys.min(), xs.max(), ys.max()]),
+                                    multimask_output=False)
+    known = gt != 128  # GrabCut's boundary band is "don't care"
+    inter = (masks[0] & (gt == 255) & known).sum()
+    union = ((masks[0] | (gt == 255)) & known).sum()
+    assert inter / union >= 0.7

@@ -222,7 +222,7 @@ def test_retrain_registers_a_version_the_server_switches_to(tmp_path: Path) -> N
     from samkit.engine.server import create_app
 
     start = save_checkpoint(build_sam(SMALL), tmp_path / "small.safetensors")
-    project = open_project(tmp_path / "proj", make_images(tmp_path / "src"), "samkit-tiny", start)
+    project = open_project(tmp_path / "proj", make_images(tmp_path / "src"), "vit_t", start)
     project.db.add_annotations([accepted(1), accepted(2, top=30, bottom=60)])
     small = ["model_overrides.image_size=256", "model_overrides.encoder.depths=[1,1,1,1]",
              "num_workers=0", "max_masks_per_image=2", "progress=false", "batch_size=4"]

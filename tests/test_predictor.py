@@ -132,7 +132,8 @@ def test_model_stays_trainable() -> None:
     sparse, dense = model.prompt_encoder(points=(torch.tensor([[[100.0, 100.0]]]), torch.tensor([[1]])), boxes=None, masks=None)
     low_res, iou = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, True)
     (low_res.mean() + iou.mean()).backward()
-    assert model.image_encoder.patch_embed.seq[0].c.weight.grad is not None
+    assert model.image_encoder.neck.proj4.weight.grad is not None
+    assert model.image_encoder.features.blocks[0].conv0.weight.grad is not None
 
 
 def test_bf16_encoder_autocast_stays_close_to_fp32() -> None:

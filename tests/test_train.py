@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ SIZE = 128
 TINY_DECODER = {"image_size": SIZE, "prompt_embed_dim": 64, "decoder_num_heads": 2,
                 "decoder_mlp_dim": 128}
 # TinyViT needs its last width in (320, 448, 576) for the stride-16 embedding grid.
-TINY_VIT = {"model": "samkit-tiny", "model_overrides": TINY_DECODER | {"encoder": {
+TINY_VIT = {"model": "vit_t", "model_overrides": TINY_DECODER | {"encoder": {
     "embed_dims": [16, 32, 48, 320], "depths": [1, 1, 1, 1], "num_heads": [1, 2, 3, 4],
     "window_sizes": [2, 2, 4, 2]}}}
 # LayerNorm only (TinyViT's BatchNorm would see per-process batches under DDP).
@@ -220,3 +221,73 @@ def test_low_res_loss_tracks_input_frame_loss(shapes: Path, tmp_path: Path) -> N
 def test_loss_resolution_is_validated() -> None:
     with pytest.raises(SamkitError, match="loss_resolution"):
         TrainConfig(loss_resolution="full")
+
+
+HED_TINY = {"model": "samkit-tiny", "model_overrides": TINY_DECODER}
+
+
+def test_cached_feature_step_equals_uncached(shapes: Path, tmp_path: Path) -> None:
+    """A step on cached stem features gives the loss and gradients of the same step on the
+    pixels (the cache is the stem's exact output, fp32 here; fp16 is the default)."""
+    from samkit.train.features import FeatureCache, build_feature_cache
+
+    torch.manual_seed(0)
+    cfg = run_config(shapes, tmp_path, **HED_TINY, scale_range=(1.0, 1.0), hflip=False,
+                     loss_resolution="low", prompt_iterations=[[0, 3]])
+    sam = build_sam_from_config(cfg.model_config())
+    sam.image_encoder.features.requires_grad_(False)
+    aug = AugmentConfig(SIZE, (1.0, 1.0), hflip=False)
+    plain = TrainDataset([open_source(str(shapes))], aug, seed=0)
+    build_feature_cache(plain, sam, [str(shapes)], tmp_path / "cache", dtype=torch.float32,
+                        progress=False)
+    cache = FeatureCache(tmp_path / "cache")
+    cache.check(sam, [str(shapes)], len(plain))
+    cached = TrainDataset([open_source(str(shapes))], aug, seed=0, feature_cache=cache)
+
+    step = TrainStep(sam, frozen_encoder=False, seed=0, loss_resolution="low",
+                     prompt_iterations=[[0, 3]]).train()
+    results = []
+    for dataset in (plain, cached):
+        batch = collate([dataset[(0, i)] for i in range(4)], SIZE)
+        assert (batch.features is None) == (dataset is plain)
+        sam.zero_grad()
+        out = step(batch, 0)
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in sam.parameters()
+                                             if p.requires_grad]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_feature_cache_refuses_a_mismatch(shapes: Path, tmp_path: Path) -> None:
+    from samkit.train.features import FeatureCache, build_feature_cache
+
+    cfg = run_config(shapes, tmp_path, **HED_TINY, scale_range=(1.0, 1.0), hflip=False)
+    sam = build_sam_from_config(cfg.model_config())
+    aug = AugmentConfig(SIZE, (1.0, 1.0), hflip=False)
+    dataset = TrainDataset([open_source(str(shapes))], aug, seed=0)
+    build_feature_cache(dataset, sam, [str(shapes)], tmp_path / "cache", progress=False)
+    cache = FeatureCache(tmp_path / "cache")
+    with pytest.raises(SamkitError, match="does not match this run"):
+        cache.check(sam, ["other"], len(dataset))
+    other = build_sam_from_config(cfg.model_config())  # another random stem
+    with pytest.raises(SamkitError, match="stem"):
+        cache.check(other, [str(shapes)], len(dataset))
+    with pytest.raises(SamkitError, match="hflip"):
+        TrainDataset([open_source(str(shapes))], AugmentConfig(SIZE), seed=0,
+                     feature_cache=cache)
+    with pytest.raises(SamkitError, match="not a feature cache"):
+        FeatureCache(tmp_path)
+
+
+def test_resume_with_a_new_lr_uses_it(shapes: Path, tmp_path: Path) -> None:
+    """A config changed for the resume (here the lr) takes effect from the resumed step."""
+    cfg = run_config(shapes, tmp_path, iterations=6, warmup=1, lr=1e-3, max_steps=3,
+                     decay_fractions=(),
+                     log_interval=1, layer_decay=1.0)
+    train(cfg)
+    rows = train(dataclasses.replace(cfg, lr=2e-4, max_steps=None, resume=True))
+    assert [r["step"] for r in rows] == [4, 5, 6]
+    assert all(r["lr"] == pytest.approx(2e-4) for r in rows)

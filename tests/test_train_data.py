@@ -182,6 +182,37 @@ def test_sampler_shards_and_resumes_mid_epoch() -> None:
 
 
 @pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="shared training data not present")
+def test_every_shared_training_image_gives_a_sample() -> None:
+    """Each image of each folder once, as a run's first epoch would: none raises, and the
+    images with no usable mask (coco128_seg has two empty masks) come out with zero masks,
+    which a step skips and the log counts."""
+    folders = sorted(p for p in SHARED_TRAIN.iterdir() if (p / "images").is_dir())
+    dataset = TrainDataset([open_source(str(p)) for p in folders],
+                           AugmentConfig(128, (1.0, 1.0), hflip=False), seed=0)
+    empty = [i for i in range(len(dataset)) if len(dataset[(0, i)].masks) == 0]
+    assert len(dataset) >= 2613
+    names = {dataset_name(dataset, i) for i in empty}
+    assert {"coco128_seg/000000000250", "coco128_seg/000000000508"} <= names
+
+
+def dataset_name(dataset: TrainDataset, index: int) -> str:
+    from bisect import bisect_right
+
+    which = bisect_right(dataset.offsets, index) - 1
+    image_path, _ = dataset.sources[which].pairs[index - dataset.offsets[which]]
+    return f"{image_path.parent.parent.name}/{image_path.stem}"
+
+
+def test_image_without_masks_is_a_zero_mask_sample(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "d", [np.zeros((30, 40), np.uint8)])
+    dataset = TrainDataset([open_source(str(root))], AugmentConfig(64), seed=0)
+    sample = dataset[(0, 0)]
+    assert sample.masks.shape == (0, *sample.image.shape[:2])
+    batch = collate([sample], 64)
+    assert batch.masks[0].shape[0] == 0
+
+
+@pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="shared training data not present")
 def test_shared_training_folders_open() -> None:
     for name in ("camvid", "coco128_seg", "weizmann_horse"):
         source = open_source(str(SHARED_TRAIN / name))

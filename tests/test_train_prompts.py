@@ -3,6 +3,7 @@ multimask at iteration 0 only, detached mask prompts, box noise, per-image rando
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from samkit.train.prompts import (
@@ -59,12 +60,32 @@ def test_perfect_prediction_adds_a_padding_point() -> None:
 def test_schedule_has_11_iterations_two_mask_only_one_at_the_end() -> None:
     slots = set()
     for seed in range(200):
-        kinds = iteration_schedule(8, torch.Generator().manual_seed(seed))
+        kinds = iteration_schedule(11, torch.Generator().manual_seed(seed))
         assert len(kinds) == 11
         assert kinds[0] == "prompt" and kinds[-1] == "mask"
         assert kinds.count("point") == 8 and kinds.count("mask") == 2
         slots.add(kinds.index("mask"))
     assert slots == set(range(1, 10))  # the inserted one lands anywhere among the 8
+
+
+def test_shorter_sessions_for_cheap_steps() -> None:
+    gen = torch.Generator().manual_seed(0)
+    assert iteration_schedule(1, gen) == ["prompt"]
+    assert iteration_schedule(2, gen) == ["prompt", "point"]
+    assert iteration_schedule(3, gen) == ["prompt", "point", "point"]
+    four = iteration_schedule(4, gen)
+    assert four[0] == "prompt" and four[-1] == "mask" and sorted(four[1:3]) == ["mask", "point"]
+    with pytest.raises(ValueError):
+        iteration_schedule(0, gen)
+
+
+def test_step_follows_the_prompt_iterations_schedule() -> None:
+    from samkit.build import build_sam_from_config, get_config
+    from samkit.train.step import TrainStep
+
+    sam = build_sam_from_config(get_config("vit_t"))
+    step = TrainStep(sam, True, 0, prompt_iterations=[[0, 1], [100, 4], [300, 11]])
+    assert [step.iterations_at(s) for s in (0, 99, 100, 299, 300, 10**6)] == [1, 1, 4, 4, 11, 11]
 
 
 def test_box_noise_std_is_10_percent_of_side_capped() -> None:
@@ -182,3 +203,29 @@ def test_prompts_of_an_image_do_not_depend_on_its_batch_mates() -> None:
     alone = first_points([gt_b], [22])
     for row in range(3):
         assert torch.equal(together[row + 2], alone[row])
+
+
+def test_box_first_prompts_can_train_the_single_output() -> None:
+    """box_multimask=False: the box group of iteration 0 is decoded with one output (token
+    0), which stands in for all 3; the point group keeps its 3 outputs."""
+    from samkit.train.prompts import decode_mixed
+
+    calls = []
+
+    def decode(rows, points, labels, boxes, mask_prompt, multimask):
+        calls.append((boxes is not None, multimask))
+        k = 3 if multimask else 1
+        low = torch.arange(k, dtype=torch.float32).view(1, k, 1, 1).repeat(len(rows), 1, 4, 4)
+        return low, torch.zeros(len(rows), k)
+
+    use_box = torch.tensor([True, False, True])
+    args = (use_box, torch.zeros(3, 2), torch.zeros(3, 4), torch.zeros(3, 0, 2),
+            torch.zeros(3, 0, dtype=torch.long), None)
+    low, iou = decode_mixed(decode, *args, multimask=True, box_multimask=False)
+    assert sorted(calls) == [(False, True), (True, False)]
+    assert low.shape == (3, 3, 4, 4) and iou.shape == (3, 3)
+    assert (low[0] == 0).all() and (low[2] == 0).all()  # token 0's mask, 3 times
+    assert low[1, :, 0, 0].tolist() == [0, 1, 2]
+    calls.clear()
+    decode_mixed(decode, *args, multimask=True, box_multimask=True)
+    assert sorted(calls) == [(False, True), (True, True)]

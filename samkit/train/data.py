@@ -37,6 +37,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from samkit.errors import SamkitError
 from samkit.images import load_image, preprocess_shape
+from samkit.train.features import FeatureCache
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Retries of the random jitter when it leaves no usable mask (e.g. scale 0.1 on small objects).
@@ -254,7 +255,7 @@ def select_masks(
     """Drop tiny masks and masks covering more than ``max_fraction`` of the image, then sample
     at most ``max_masks`` (without replacement, keeping the original order)."""
     h, w = masks.shape[1:]
-    area = masks.reshape(len(masks), -1).sum(1)
+    area = masks.reshape(len(masks), h * w).sum(1)
     masks = masks[(area >= min_area) & (area <= max_fraction * h * w)]
     if len(masks) > max_masks:
         masks = masks[np.sort(rng.choice(len(masks), max_masks, replace=False))]
@@ -265,8 +266,9 @@ def select_masks(
 @dataclass
 class Sample:
     image: np.ndarray  # h x w x 3 uint8, the valid region of the S x S input
-    masks: np.ndarray  # N x h x w bool
+    masks: np.ndarray  # N x h x w bool (N = 0 when the image has no usable mask)
     prompt_seed: int  # seeds this image's prompt simulation
+    features: tuple[torch.Tensor, ...] | None = None  # cached stem outputs (FeatureCache)
 
 
 SampleKey = tuple[int, int]  # (epoch, index)
@@ -275,13 +277,19 @@ SampleKey = tuple[int, int]  # (epoch, index)
 class TrainDataset(Dataset):
     """Concatenated sources with augmentation; indexed by ``(epoch, index)`` keys."""
 
-    def __init__(self, sources: Sequence[MaskSource], aug: AugmentConfig, seed: int) -> None:
+    def __init__(self, sources: Sequence[MaskSource], aug: AugmentConfig, seed: int,
+                 feature_cache: FeatureCache | None = None) -> None:
         self.sources = list(sources)
         self.aug = aug
         self.seed = seed
         self.offsets = np.cumsum([0] + [len(s) for s in self.sources]).tolist()
         if self.offsets[-1] == 0:
             raise SamkitError("the training data is empty")
+        self.feature_cache = feature_cache
+        if feature_cache is not None and (aug.scale_range != (1.0, 1.0) or aug.hflip
+                                          or aug.copy_paste):
+            raise SamkitError("cached stem features hold each image's inference view: "
+                              "set scale_range: [1, 1], hflip: false, copy_paste: false")
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -299,11 +307,28 @@ class TrainDataset(Dataset):
             image, masks = copy_paste(image, masks, other_image, other_masks, rng)
         masks = select_masks(masks, rng, self.aug.max_masks, self.aug.min_mask_area,
                              self.aug.max_mask_fraction)
-        return Sample(image, masks, int(rng.integers(2**62)))
+        features = None
+        if self.feature_cache is not None:
+            block3, block4, size = self.feature_cache.load(index)
+            if tuple(size) != image.shape[:2]:
+                raise SamkitError(f"feature cache image #{index} is {tuple(size)}, the data "
+                                  f"gives {image.shape[:2]}: the cache is stale")
+            features = (block3, block4)
+        return Sample(image, masks, int(rng.integers(2**62)), features)
+
+    def inference_view(self, index: int) -> np.ndarray:
+        """Image ``index`` as inference sees it (resized to the input size, no flip): what
+        a feature cache stores."""
+        image, masks = self.load(index)
+        return large_scale_jitter(image, masks[:0], self.aug.image_size, 1.0, (0.0, 0.0),
+                                  False)[0]
 
     def jittered(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Load and augment one image; re-draw the jitter if no usable mask survives."""
+        """Load and augment one image; re-draw the jitter if no usable mask survives (an
+        image without any gives its last draw with no masks, which a step skips)."""
         source_image, source_masks = self.load(index)
+        if len(source_masks) == 0:
+            source_masks = np.zeros((0, *source_image.shape[:2]), dtype=bool)
         for _ in range(JITTER_ATTEMPTS):
             flip = self.aug.hflip and bool(rng.random() < 0.5)
             scale = float(rng.uniform(*self.aug.scale_range))
@@ -311,8 +336,8 @@ class TrainDataset(Dataset):
             image, masks = large_scale_jitter(
                 source_image, source_masks, self.aug.image_size, scale, offset, flip
             )
-            area = masks.reshape(len(masks), -1).sum(1)
-            if (area >= self.aug.min_mask_area).any():
+            area = masks.reshape(len(masks), image.shape[0] * image.shape[1]).sum(1)
+            if (area >= self.aug.min_mask_area).any() or len(masks) == 0:
                 break
         return image, masks
 
@@ -346,18 +371,24 @@ class Batch:
     sizes: torch.Tensor  # B x 2 (h, w) of each valid region
     masks: list[torch.Tensor]  # per image N_b x h_b x w_b bool
     prompt_seeds: list[int]
+    features: tuple[torch.Tensor, ...] | None = None  # cached stem outputs, each B x ...
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader (``pin_memory=True``) for faster host-to-GPU copies."""
+        features = None if self.features is None else tuple(f.pin_memory()
+                                                             for f in self.features)
         return Batch(self.images.pin_memory(), self.sizes,
-                     [m.pin_memory() for m in self.masks], self.prompt_seeds)
+                     [m.pin_memory() for m in self.masks], self.prompt_seeds, features)
 
     def to(self, device: torch.device) -> Batch:
+        features = None if self.features is None else tuple(
+            f.to(device, non_blocking=True) for f in self.features)
         return Batch(
             self.images.to(device, non_blocking=True),
             self.sizes,
             [m.to(device, non_blocking=True) for m in self.masks],
             self.prompt_seeds,
+            features,
         )
 
 
@@ -371,7 +402,11 @@ def collate(samples: list[Sample], image_size: int) -> Batch:
         images[i, :, :h, :w] = torch.from_numpy(s.image).permute(2, 0, 1)
         sizes[i] = torch.tensor([h, w])
     masks = [torch.from_numpy(s.masks) for s in samples]
-    return Batch(images, sizes, masks, [s.prompt_seed for s in samples])
+    features = None
+    if samples and samples[0].features is not None:
+        features = tuple(torch.stack(f) for f in zip(*(s.features for s in samples),
+                                                     strict=True))
+    return Batch(images, sizes, masks, [s.prompt_seed for s in samples], features)
 
 
 def worker_init(_: int) -> None:

@@ -40,6 +40,8 @@ from samkit.build import (
     save_checkpoint,
 )
 from samkit.errors import SamkitError
+from samkit.modeling.hed import convert_keras_h5
+from samkit.modeling.hed_encoder import HedEncoder, load_hed_stem
 from samkit.modeling.image_encoder import ImageEncoderViT
 from samkit.modeling.sam import Sam
 from samkit.modeling.tiny_vit import TinyViT
@@ -52,14 +54,18 @@ from samkit.train.data import (
     open_source,
     worker_init,
 )
-from samkit.train.optim import build_optimizer, build_scheduler
+from samkit.train.init import localising_init
+from samkit.train.features import FeatureCache, build_feature_cache
+from samkit.train.losses import LossWeights
+from samkit.train.optim import build_optimizer, build_scheduler, lr_factor
 from samkit.train.step import TrainStep
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.csv"
 EXPORT_NAME = "model.safetensors"
 METRIC_COLUMNS = ("step", "epoch", "loss", "focal", "dice", "iou_mse", "miou", "miou_first",
-                  "lr", "images_per_s", "encoder_share", "decoder_share", "elapsed_s")
+                  "lr", "images_per_s", "encoder_share", "decoder_share", "elapsed_s",
+                  "empty_images")
 
 
 def train(cfg: TrainConfig) -> list[dict[str, float]]:
@@ -78,12 +84,7 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
         scheduler = build_scheduler(optimizer, cfg.warmup, cfg.iterations, cfg.decay_fractions)
 
         # --- data
-        dataset = TrainDataset(
-            [open_source(spec) for spec in cfg.data],
-            AugmentConfig(sam.image_size, cfg.scale_range, cfg.hflip, cfg.copy_paste,
-                          cfg.max_masks_per_image, cfg.min_mask_area, cfg.max_mask_fraction),
-            cfg.seed,
-        )
+        dataset = build_dataset(cfg, sam)
         sampler = ResumableSampler(dataset, env.world_size, env.rank, cfg.seed, cfg.batch_size)
         steps_per_epoch = sampler.num_samples // cfg.batch_size
         if steps_per_epoch == 0:
@@ -108,9 +109,16 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
             sam.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            # The run's lr is the config's, also when it was changed for the resume.
+            scheduler.base_lrs = [cfg.lr * g["lr_scale"] for g in optimizer.param_groups]
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+                group["lr"] = base * lr_factor(state["step"], cfg.warmup, cfg.iterations,
+                                               cfg.decay_fractions)
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
         step_module = TrainStep(sam, cfg.finetune == "frozen_encoder", cfg.seed,
-                                cfg.loss_resolution).train()
+                                cfg.loss_resolution, cfg.prompt_iterations,
+                                LossWeights(cfg.focal_weight, cfg.dice_weight,
+                                            cfg.iou_weight), cfg.box_multimask).train()
         model: nn.Module = step_module
         if env.world_size > 1:
             # Some parameters sit out some steps (box-corner embeddings when every first
@@ -137,9 +145,13 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
                    desc="train", dynamic_ncols=True)
         rows: list[dict[str, float]] = []
         start_time = last_end = time.perf_counter()
+        empty_images = 0  # since the last log row (on this process)
         while step < stop:
             sampler.set_position(epoch, batches_done)
             for batch in loader:
+                # Images with no usable mask (none in the file, or all too small or too large)
+                # add nothing to the loss; they are counted in the log.
+                empty_images += sum(len(m) == 0 for m in batch.masks)
                 batch = batch.to(env.device)
                 with autocast:
                     out = model(batch, step)
@@ -149,7 +161,7 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
                 step_module.timer.mark("backward_done")
                 if cfg.clip_grad > 0:
                     nn.utils.clip_grad_norm_(sam.parameters(), cfg.clip_grad)
-                lr = max(scheduler.get_last_lr())  # this step's base lr
+                lr = max(g["lr"] for g in optimizer.param_groups)  # this step's lr
                 optimizer.step()
                 scheduler.step()
                 step, batches_done = step + 1, batches_done + 1
@@ -163,7 +175,8 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
                            "lr": lr,
                            "images_per_s": cfg.batch_size * env.world_size / step_time,
                            "encoder_share": encoder_share, "decoder_share": decoder_share,
-                           "elapsed_s": now - start_time}
+                           "elapsed_s": now - start_time, "empty_images": empty_images}
+                    empty_images = 0
                     if log is not None:
                         log.write(row)
                         rows.append(row)
@@ -233,7 +246,16 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Sam:
     if cfg.init_checkpoint:
         path = _resolve_init(cfg)
         load_into(sam, load_state_dict(path), cfg.model, str(path))
+    elif cfg.decoder_init == "localising":
+        localising_init(sam.mask_decoder, cfg.decoder_init_gain)
     encoder = sam.image_encoder
+    if isinstance(encoder, HedEncoder):  # the pretrained stem stays frozen
+        if cfg.stem_weights and not cfg.init_checkpoint:
+            load_hed_stem(encoder, convert_keras_h5(cfg.stem_weights))
+        elif not cfg.init_checkpoint:
+            warnings.warn("samkit-tiny's stem starts from random weights: set stem_weights "
+                          "(scripts/get_hed_weights.sh) to train on HED's", stacklevel=2)
+        encoder.features.requires_grad_(False)
     if isinstance(encoder, TinyViT):  # the ImageNet classifier is kept for loading only
         encoder.head.requires_grad_(False)
         encoder.norm_head.requires_grad_(False)
@@ -244,6 +266,30 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Sam:
             raise SamkitError("grad_checkpointing is supported for ViT encoders only")
         encoder.grad_checkpointing = True
     return sam.to(device).train()
+
+
+def build_dataset(cfg: TrainConfig, sam: Sam, cached: bool = True) -> TrainDataset:
+    """The run's data; with ``cached`` and ``cfg.feature_cache`` it reads stem features
+    from the cache (checked against the data and the model's stem)."""
+    sources = [open_source(spec) for spec in cfg.data]
+    aug = AugmentConfig(sam.image_size, cfg.scale_range, cfg.hflip, cfg.copy_paste,
+                        cfg.max_masks_per_image, cfg.min_mask_area, cfg.max_mask_fraction)
+    cache = None
+    if cached and cfg.feature_cache:
+        cache = FeatureCache(cfg.feature_cache)
+        cache.check(sam, list(cfg.data), sum(len(s) for s in sources))
+    return TrainDataset(sources, aug, cfg.seed, cache)
+
+
+def build_cache(cfg: TrainConfig) -> Path:
+    """Compute ``cfg.feature_cache`` for the run's data and stem (resumes a partial one)."""
+    if not cfg.feature_cache:
+        raise SamkitError("set feature_cache to the folder to build")
+    device = setup_distributed(cfg.device).device
+    sam = build_model(cfg, device).eval()
+    dataset = build_dataset(cfg, sam, cached=False)
+    return build_feature_cache(dataset, sam, list(cfg.data), cfg.feature_cache,
+                               progress=cfg.progress)
 
 
 def _resolve_init(cfg: TrainConfig) -> Path:
@@ -353,6 +399,7 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    """Rows of a ``metrics.csv`` as floats."""
+    """Rows of a ``metrics.csv`` as floats (NaN where a row has no value)."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: float(v) if v else math.nan for k, v in r.items()}
+                for r in csv.DictReader(f)]

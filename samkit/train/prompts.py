@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from samkit.modeling.prompt_encoder import LABEL_FOREGROUND, LABEL_PAD
 
 NUM_POINT_ITERATIONS = 8
+PAPER_ITERATIONS = NUM_POINT_ITERATIONS + 3  # the first prompt, 8 points, 2 mask-only
 BOX_NOISE_FRACTION = 0.1  # std of each coordinate's noise, as a fraction of the box side
 BOX_NOISE_CAP_PX = 20.0  # in the paper's frame ...
 PAPER_INPUT_SIZE = 1024  # ... which is 1024 px
@@ -90,10 +91,15 @@ def simulate_prompts(
     valid: torch.Tensor,
     random: MaskRandom,
     schedule_generator: torch.Generator,
-    num_point_iterations: int = NUM_POINT_ITERATIONS,
+    num_iterations: int = PAPER_ITERATIONS,
+    box_multimask: bool = True,
 ) -> list[Prediction]:
     """Run the paper's 11-iteration interactive session for ``gt``: ``M x S x S`` bool masks
-    in the padded input frame, false outside ``valid`` (``M x S x S``, each mask's image)."""
+    in the padded input frame, false outside ``valid`` (``M x S x S``, each mask's image).
+    ``num_iterations`` shortens it (see :func:`iteration_schedule`). With ``box_multimask``
+    off, a first prompt that is a box trains the single output (token 0, what box prompts
+    are answered with at inference, e.g. the box protocol of ``samkit eval points``); its
+    mask stands in for all 3 so the batch keeps one layout."""
     m, size = gt.shape[0], gt.shape[-1]
     rows = torch.arange(m, device=gt.device)
 
@@ -110,14 +116,15 @@ def simulate_prompts(
     previous = torch.zeros_like(gt)  # the last prediction thresholded at 0, M x S x S
 
     predictions = []
-    for kind in iteration_schedule(num_point_iterations, schedule_generator):
+    for kind in iteration_schedule(num_iterations, schedule_generator):
         if kind == "point":
             new_point, new_label = sample_error_points(previous, gt, valid, random)
             points = torch.cat([points, new_point[:, None]], dim=1)
             labels = torch.cat([labels, new_label[:, None]], dim=1)
         multimask = kind == "prompt"
         low_res, iou_pred = decode_mixed(
-            decode, use_box, first_point, boxes, points, labels, mask_prompt, multimask
+            decode, use_box, first_point, boxes, points, labels, mask_prompt, multimask,
+            box_multimask or not multimask,
         )
         predictions.append(Prediction(low_res, iou_pred, multimask, kind, points, labels))
 
@@ -129,11 +136,22 @@ def simulate_prompts(
     return predictions
 
 
-def iteration_schedule(num_point_iterations: int, generator: torch.Generator) -> list[str]:
-    """``["prompt", <num_point_iterations "point"s with one "mask" inserted at a random
-    place among them>, "mask"]``: 11 iterations for the paper's 8."""
-    middle = ["point"] * num_point_iterations
-    slot = int(torch.randint(0, num_point_iterations + 1, (1,), generator=generator).item())
+def iteration_schedule(num_iterations: int, generator: torch.Generator) -> list[str]:
+    """The kinds of the ``num_iterations`` decoder passes of one session.
+
+    11 (the paper): ``["prompt", <8 "point"s with one "mask" inserted at a random place
+    among them>, "mask"]``; in general ``n >= 4`` gives ``n - 3`` points and the two
+    mask-only passes. Shorter sessions train the first prompt and the first corrections at
+    a fraction of the cost (``TrainConfig.prompt_iterations``): ``n <= 3`` is the first
+    prompt and ``n - 1`` error points (each point pass also gets the previous mask as its
+    mask prompt, as later clicks do at inference).
+    """
+    if num_iterations < 1:
+        raise ValueError(f"a session has at least 1 iteration, got {num_iterations}")
+    if num_iterations <= 3:
+        return ["prompt"] + ["point"] * (num_iterations - 1)
+    middle = ["point"] * (num_iterations - 3)
+    slot = int(torch.randint(0, len(middle) + 1, (1,), generator=generator).item())
     middle.insert(slot, "mask")
     return ["prompt", *middle, "mask"]
 
@@ -213,6 +231,7 @@ def decode_mixed(
     labels: torch.Tensor,
     mask_prompt: torch.Tensor | None,
     multimask: bool,
+    box_multimask: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode masks whose first prompt was a box and masks whose first prompt was a point.
 
@@ -236,8 +255,11 @@ def decode_mixed(
             group_labels,
             boxes[rows] if box_group else None,
             mask_prompt[rows] if mask_prompt is not None else None,
-            multimask,
+            multimask and (box_multimask or not box_group),
         ))
+        if multimask and box_group and not box_multimask:  # 1 output standing in for 3
+            low, iou = outputs[-1]
+            outputs[-1] = (low.expand(-1, 3, -1, -1), iou.expand(-1, 3))
         order.append(rows)
     inverse = torch.argsort(torch.cat(order))
     low_res = torch.cat([o[0] for o in outputs])[inverse]

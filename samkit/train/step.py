@@ -8,6 +8,7 @@ step as a single forward (the encoder once, the decoder 11 times) and a single b
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from samkit.modeling.sam import Sam
 from samkit.train.data import Batch
-from samkit.train.losses import LossTerms, prediction_loss
-from samkit.train.prompts import MaskRandom, simulate_prompts, to_input_frame
+from samkit.train.losses import LossTerms, LossWeights, prediction_loss
+from samkit.train.prompts import (PAPER_ITERATIONS, MaskRandom, simulate_prompts,
+                                  to_input_frame)
 
 
 @dataclass
@@ -65,13 +67,49 @@ class TrainStep(nn.Module):
     ``loss_resolution`` the frame of the losses (see ``TrainConfig.loss_resolution``)."""
 
     def __init__(self, sam: Sam, frozen_encoder: bool, seed: int,
-                 loss_resolution: str = "input") -> None:
+                 loss_resolution: str = "input",
+                 prompt_iterations: Sequence[tuple[int, int]] = ((0, PAPER_ITERATIONS),),
+                 loss_weights: LossWeights = LossWeights(), box_multimask: bool = True) -> None:
         super().__init__()
         self.sam = sam
         self.frozen_encoder = frozen_encoder
         self.seed = seed
         self.loss_resolution = loss_resolution
+        self.prompt_iterations = sorted(tuple(p) for p in prompt_iterations)
+        self.loss_weights = loss_weights
+        self.box_multimask = box_multimask
         self.timer = StepTimer(sam.device)
+
+    def iterations_at(self, step: int) -> int:
+        """Decoder passes of the prompt simulation at ``step``: the ``prompt_iterations``
+        entry ``(from_step, iterations)`` with the largest ``from_step <= step``."""
+        current = self.prompt_iterations[0][1]
+        for from_step, iterations in self.prompt_iterations:
+            if step >= from_step:
+                current = iterations
+        return current
+
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """``B x C x e x e`` image embeddings of the batch: from cached stem features when
+        the batch carries them, else from the pixels; a frozen stem runs without autograd."""
+        sam, encoder = self.sam, self.sam.image_encoder
+        trainable = torch.is_grad_enabled() and not self.frozen_encoder
+        if batch.features is not None:
+            with torch.set_grad_enabled(trainable):
+                return encoder.head(*batch.features)
+        # Normalise and zero-pad each image exactly as inference does.
+        x = torch.stack([
+            sam.preprocess(img[:, :h, :w].float())
+            for img, (h, w) in zip(batch.images, batch.sizes.tolist(), strict=False)
+        ])
+        stem = getattr(encoder, "stem", None)
+        if stem is not None and trainable and not any(
+                p.requires_grad for p in encoder.features.parameters()):
+            with torch.no_grad():
+                features = stem(x)
+            return encoder.head(*features)
+        with torch.set_grad_enabled(trainable):
+            return encoder(x)
 
     def train(self, mode: bool = True) -> TrainStep:
         super().train(mode)
@@ -85,12 +123,7 @@ class TrainStep(nn.Module):
         num_images = len(batch.masks)
         self.timer.mark("start")
         # Normalise and zero-pad each image exactly as inference does.
-        x = torch.stack([
-            sam.preprocess(img[:, :h, :w].float())
-            for img, (h, w) in zip(batch.images, batch.sizes.tolist(), strict=False)
-        ])
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
-            embeddings = sam.image_encoder(x)
+        embeddings = self.embed(batch)
         if embeddings.requires_grad:
             embeddings.register_hook(lambda grad: self.timer.mark("embedding_grad"))
         self.timer.mark("encoded")
@@ -119,15 +152,17 @@ class TrainStep(nn.Module):
                 [torch.Generator(device).manual_seed(s) for s in batch.prompt_seeds], counts
             )
             schedule = torch.Generator().manual_seed(schedule_seed(self.seed, step))
-            predictions = simulate_prompts(decode, gt, valid, random, schedule)
+            predictions = simulate_prompts(decode, gt, valid, random, schedule,
+                                           self.iterations_at(step), self.box_multimask)
             if self.loss_resolution == "low":
                 low = predictions[0].low_res.shape[-1]
                 gt_low, valid_low = to_low_res(gt, low), to_low_res(valid, low)
-                terms = [prediction_loss(p.low_res, p.iou_pred, gt_low, valid_low)
-                         for p in predictions]
+                terms = [prediction_loss(p.low_res, p.iou_pred, gt_low, valid_low,
+                                         self.loss_weights) for p in predictions]
             else:
                 terms = [checkpoint(input_frame_loss, p.low_res, p.iou_pred, gt, valid,
-                                    use_reentrant=False) for p in predictions]
+                                    self.loss_weights, use_reentrant=False)
+                         for p in predictions]
             per_mask = torch.stack([t.total for t in terms]).mean(dim=0)  # over iterations
             # Each image weighs the same whatever its mask count; the divisor is the fixed
             # batch size, so DDP's gradient mean over processes is exactly the global mean.
@@ -141,14 +176,14 @@ METRICS = ("focal", "dice", "iou_mse", "miou", "miou_first")
 
 
 def input_frame_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor,
-                     valid: torch.Tensor) -> LossTerms:
+                     valid: torch.Tensor, weights: LossWeights) -> LossTerms:
     """The loss of low-res logits upsampled to the ``S x S`` input frame.
 
     Run under activation checkpointing: the ``M x k x S x S`` intermediates (16x the
     low-res size, several per iteration) would otherwise be kept for all 11 iterations;
     recomputing them in backward costs a few elementwise passes.
     """
-    return prediction_loss(to_input_frame(low_res, gt.shape[-1]), iou_pred, gt, valid)
+    return prediction_loss(to_input_frame(low_res, gt.shape[-1]), iou_pred, gt, valid, weights)
 
 
 def to_low_res(masks: torch.Tensor, size: int) -> torch.Tensor:

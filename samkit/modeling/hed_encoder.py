@@ -1,0 +1,85 @@
+"""samkit-tiny's image encoder: HED's pretrained VGG16 blocks 1-4, frozen, under a small
+trainable neck to SAM's ``256 x S/16 x S/16`` image embedding.
+
+Why this shape (docs/samkit-tiny.md has the measurements):
+
+* The stem runs at half the model's input size (``S/2``): VGG16's block 4 is at stride 8, so
+  at ``S/2`` it lands exactly on the ``S/16`` embedding grid, and a 512 px model input costs
+  the stem ~0.19 s on 2 CPU cores (at the full 512 px it would be 1.3 s).
+* Block 3 (stride 4, twice the grid's resolution) is folded into the grid by a space-to-depth
+  step, so every embedding cell also carries its 2 x 2 sub-cells: SAM's decoder upsamples the
+  embedding 4x and has no other source of detail.
+* The stem is frozen: its features are the expensive part and can be computed once per
+  training image (:meth:`stem`), so a training step pays only for :meth:`head` and the
+  decoder.
+
+Input: ``B x 3 x S x S``, RGB minus HED's pixel mean (``Sam(pixel_mean=HED_PIXEL_MEAN,
+pixel_std=HED_PIXEL_STD)`` does that), zero-padded like every SAM input.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samkit.modeling.common import LayerNorm2d
+from samkit.modeling.hed import VGG16Features
+
+STEM_BLOCKS = 4
+BLOCK3_CHANS, BLOCK4_CHANS = 256, 512
+
+
+class HedNeck(nn.Module):
+    """``(block3 B x 256 x 2g x 2g, block4 B x 512 x g x g) -> B x out x g x g``.
+
+    Block 4 is projected to ``out`` channels; block 3 is projected to ``out / 4`` and its
+    2 x 2 cells stacked into channels (pixel unshuffle), then added. A 3 x 3 conv mixes
+    neighbours; LayerNorms as in SAM's own neck.
+    """
+
+    def __init__(self, out_chans: int = 256) -> None:
+        super().__init__()
+        self.proj4 = nn.Conv2d(BLOCK4_CHANS, out_chans, 1)
+        self.proj3 = nn.Conv2d(BLOCK3_CHANS, out_chans // 4, 1)
+        self.norm1 = LayerNorm2d(out_chans)
+        self.conv = nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False)
+        self.norm2 = LayerNorm2d(out_chans)
+
+    def forward(self, block3: torch.Tensor, block4: torch.Tensor) -> torch.Tensor:
+        x = self.proj4(block4) + F.pixel_unshuffle(self.proj3(block3), 2)
+        return self.norm2(self.conv(F.gelu(self.norm1(x))))
+
+
+class HedEncoder(nn.Module):
+    """``B x 3 x S x S -> B x out_chans x S/16 x S/16``; ``forward = head(*stem(x))``."""
+
+    def __init__(self, img_size: int = 512, out_chans: int = 256) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.features = VGG16Features(STEM_BLOCKS)
+        self.neck = HedNeck(out_chans)
+
+    def stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen part: ``(block3 B x 256 x S/8 x S/8, block4 B x 512 x S/16 x S/16)``."""
+        x = F.avg_pool2d(x, 2)  # the stem sees the image at S/2 (see the module docstring)
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fast conv layout
+        *_, block3, block4 = self.features(x)
+        return block3, block4
+
+    def head(self, block3: torch.Tensor, block4: torch.Tensor) -> torch.Tensor:
+        """The trainable part, on :meth:`stem`'s outputs (live or cached)."""
+        return self.neck(block3.float(), block4.float()).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(*self.stem(x))
+
+
+def load_hed_stem(encoder: HedEncoder, hed_state: dict[str, torch.Tensor]) -> None:
+    """Copy blocks 1-4 of a converted HED state dict (``samkit.modeling.hed``) into the
+    encoder's stem, strictly; HED's block 5 and side outputs are not part of the encoder."""
+    prefix = "features."
+    stem = {k[len(prefix):]: v for k, v in hed_state.items()
+            if k.startswith(prefix) and int(k.split(".")[2]) < STEM_BLOCKS}
+    encoder.features.load_state_dict(stem, strict=True)

