@@ -122,3 +122,32 @@ def test_shipped_configs_load(name: str) -> None:
     assert cfg.model_config().image_size == (512 if name == "samkit-tiny" else 1024)
     if name != "samkit-tiny":
         assert cfg.init_checkpoint == "official"
+
+
+def test_localising_init_ties_and_scales_the_cross_attention_projections() -> None:
+    import torch
+
+    from samkit.build import build_sam_from_config, get_config
+    from samkit.train.init import cross_attentions, localising_init
+
+    torch.manual_seed(0)
+    decoder = build_sam_from_config(get_config("samkit-tiny")).mask_decoder
+    before = [a.q_proj.weight.clone() for a in cross_attentions(decoder)]
+    self_attn = decoder.transformer.layers[0].self_attn.k_proj.weight.clone()
+    localising_init(decoder, gain=2.0)
+    attentions = cross_attentions(decoder)
+    assert len(attentions) == 5  # 2 layers x 2 directions + the final token-to-image
+    for attn, q in zip(attentions, before, strict=True):
+        assert torch.equal(attn.q_proj.weight, 2.0 * q)
+        assert torch.equal(attn.k_proj.weight, attn.q_proj.weight)
+        assert not attn.q_proj.bias.any() and not attn.k_proj.bias.any()
+    assert torch.equal(decoder.transformer.layers[0].self_attn.k_proj.weight, self_attn)
+
+
+def test_config_rejects_bad_schedules_and_inits() -> None:
+    with pytest.raises(SamkitError, match="prompt_iterations"):
+        TrainConfig(prompt_iterations=[[5, 1]])
+    with pytest.raises(SamkitError, match="prompt_iterations"):
+        TrainConfig(prompt_iterations=[[0, 0]])
+    with pytest.raises(SamkitError, match="decoder_init"):
+        TrainConfig(decoder_init="xavier")

@@ -60,6 +60,12 @@ class HedEncoder(nn.Module):
         self.features = VGG16Features(STEM_BLOCKS)
         self.neck = HedNeck(out_chans)
 
+    @property
+    def stem_frozen(self) -> bool:
+        """No stem parameter takes gradients (how samkit trains it): the stem can then run
+        without autograd, or from cached outputs."""
+        return not any(p.requires_grad for p in self.features.parameters())
+
     def stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The frozen part: ``(block3 B x 256 x S/8 x S/8, block4 B x 512 x S/16 x S/16)``."""
         x = F.avg_pool2d(x, 2)  # the stem sees the image at S/2 (see the module docstring)

@@ -102,11 +102,9 @@ class TrainStep(nn.Module):
             sam.preprocess(img[:, :h, :w].float())
             for img, (h, w) in zip(batch.images, batch.sizes.tolist(), strict=False)
         ])
-        stem = getattr(encoder, "stem", None)
-        if stem is not None and trainable and not any(
-                p.requires_grad for p in encoder.features.parameters()):
+        if trainable and getattr(encoder, "stem_frozen", False):
             with torch.no_grad():
-                features = stem(x)
+                features = encoder.stem(x)
             return encoder.head(*features)
         with torch.set_grad_enabled(trainable):
             return encoder(x)
@@ -122,7 +120,6 @@ class TrainStep(nn.Module):
         sam, size, device = self.sam, self.sam.image_size, batch.images.device
         num_images = len(batch.masks)
         self.timer.mark("start")
-        # Normalise and zero-pad each image exactly as inference does.
         embeddings = self.embed(batch)
         if embeddings.requires_grad:
             embeddings.register_hook(lambda grad: self.timer.mark("embedding_grad"))
