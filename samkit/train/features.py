@@ -19,6 +19,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,8 +28,10 @@ from safetensors.torch import load_file, save_file
 from samkit.errors import SamkitError
 from samkit.modeling.sam import Sam
 
+if TYPE_CHECKING:  # data.py imports this module
+    from samkit.train.data import TrainDataset
+
 MANIFEST = "manifest.json"
-FEATURE_NAMES = ("block3", "block4")
 
 
 def stem_hash(sam: Sam) -> str:
@@ -49,7 +52,7 @@ def feature_path(folder: Path, index: int) -> Path:
     return folder / f"{index:06d}.safetensors"
 
 
-def build_feature_cache(dataset, sam: Sam, sources: list[str], folder: str | Path,
+def build_feature_cache(dataset: TrainDataset, sam: Sam, sources: list[str], folder: str | Path,
                         dtype: torch.dtype = torch.float16, progress: bool = True) -> Path:
     """Compute the stem features of every image of ``dataset`` (a ``TrainDataset``) into
     ``folder``. Images already cached are kept, so an interrupted build resumes."""

@@ -124,7 +124,7 @@ def simulate_prompts(
         multimask = kind == "prompt"
         low_res, iou_pred = decode_mixed(
             decode, use_box, first_point, boxes, points, labels, mask_prompt, multimask,
-            box_multimask or not multimask,
+            box_multimask,
         )
         predictions.append(Prediction(low_res, iou_pred, multimask, kind, points, labels))
 
