@@ -7,6 +7,9 @@ safetensors files that also record which config they belong to.
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +169,9 @@ def build_sam_from_config(cfg: SamConfig, drop_path_rate: float = 0.0) -> Sam:
     return model.eval()
 
 
+RANDOM_WEIGHTS_SEED = 0  # the one initialisation of every untrained model build_sam returns
+
+
 def build_sam(
     model: str | SamConfig = DEFAULT_MODEL,
     checkpoint: str | Path | None = None,
@@ -177,26 +183,41 @@ def build_sam(
     ``samkit-tiny``) or config, optionally loading a checkpoint strictly.
 
     Without ``checkpoint`` a model with bundled weights (``samkit-tiny``) loads them if the
-    package ships them; otherwise the weights are random (check :func:`is_trained`).
+    package ships them; otherwise the weights are random (check :func:`is_trained`), drawn
+    from seed :data:`RANDOM_WEIGHTS_SEED` whatever the caller's RNG state, so every command
+    gives an untrained model the same weights (and the same masks) on every run.
     """
     cfg = get_config(model) if isinstance(model, str) else model
     name = model if isinstance(model, str) else "custom config"
-    sam = build_sam_from_config(cfg, drop_path_rate)
-    sam.samkit_trained = False  # type: ignore[attr-defined]
     if checkpoint is None and cfg.bundled_weights:
         bundled = BUNDLED_WEIGHTS_DIR / cfg.bundled_weights
         checkpoint = bundled if bundled.is_file() else None
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        sam = build_sam_from_config(cfg, drop_path_rate)
+    sam.samkit_trained = False  # type: ignore[attr-defined]
+    sam.samkit_weights = f"random (seed {RANDOM_WEIGHTS_SEED})"  # type: ignore[attr-defined]
     if checkpoint is not None:
         _check_image_size(checkpoint, cfg, name)
         state_dict = load_state_dict(checkpoint)
         load_into(sam, state_dict, name, source=str(checkpoint))
         sam.samkit_trained = True  # type: ignore[attr-defined]
+        bundled_file = Path(checkpoint).parent == BUNDLED_WEIGHTS_DIR
+        sam.samkit_weights = (  # type: ignore[attr-defined]
+            f"bundled {Path(checkpoint).name}" if bundled_file else Path(checkpoint).name)
     return sam.to(device) if device is not None else sam
 
 
 def is_trained(model: Sam) -> bool:
     """False for a randomly initialised model (its masks mean nothing)."""
     return bool(getattr(model, "samkit_trained", False))
+
+
+def weights_source(model: Sam) -> str:
+    """Where a model's weights came from, in a few words: ``random (seed 0)``, ``bundled
+    samkit_tiny.safetensors`` or a checkpoint's file name; ``unknown`` for a model that
+    :func:`build_sam` did not build."""
+    return str(getattr(model, "samkit_weights", "unknown"))
 
 
 def _check_image_size(path: str | Path, cfg: SamConfig, name: str) -> None:
@@ -240,10 +261,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             obj: object = load_file(str(path))
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's pickle-protocol notice says nothing useful
+                warnings.simplefilter("ignore", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt, truncated, or not a checkpoint at all
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SamkitError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+        raise SamkitError(
+            f"{path} is not a PyTorch/safetensors checkpoint ({_load_failure(err)})"
+        ) from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(
@@ -251,6 +275,19 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ):
         raise SamkitError(f"checkpoint {path} does not hold a state dict of tensors")
     return dict(obj)
+
+
+def _load_failure(err: Exception) -> str:
+    """Why a checkpoint did not load, in a few words. torch's own text for the safe unpickler
+    runs to paragraphs and suggests ``weights_only=False``, which would run the file's code."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsupported:
+            return f"it holds a Python object, {unsupported.group(1)}, that the safe loader refuses"
+        return "its content is not tensors the safe loader can read"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first[:160]
 
 
 def detect_model_type(state_dict: Mapping[str, torch.Tensor]) -> str | None:

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from samkit import __version__
 from samkit.errors import SamkitError
 from samkit.runtime import keep_freed_memory
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="samkit",
         description="Segment Anything: segment, segment everything, train, evaluate, annotate.",
     )
+    parser.add_argument("--version", action="version", version=f"samkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_cli(subparsers)

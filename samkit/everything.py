@@ -302,9 +302,11 @@ def segment_and_write(
     document = build_document(item, image.shape[:2], generator.generate(image), generator)
     if overlay:
         from samkit.data.sa1b import decode_masks
-        from samkit.overlay import draw_overlay, save_png
+        from samkit.overlay import UNTRAINED_BANNER, draw_overlay, save_png
 
-        save_png(outdir / item.overlay_name, draw_overlay(image, decode_masks(document)))
+        banner = None if generator.trained else UNTRAINED_BANNER
+        save_png(outdir / item.overlay_name,
+                 draw_overlay(image, decode_masks(document), banner=banner))
     text = json.dumps(document, separators=(",", ":"), default=_json_default)
     write_text_atomic(outdir / item.json_name, text)
 

@@ -22,6 +22,8 @@ FOREGROUND_RGB = (0, 220, 0)
 BACKGROUND_RGB = (230, 0, 0)
 BOX_RGB = (0, 255, 0)
 RIM_RGB = (255, 255, 255)
+BANNER_RGB = (176, 0, 32)
+UNTRAINED_BANNER = "UNTRAINED MODEL: random weights, masks mean nothing"
 _GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 _FIRST_HUE = 0.58  # blue, as a fraction of the colour wheel
 
@@ -33,6 +35,8 @@ def palette(n: int, seed: int = 0) -> np.ndarray:
     colour wheel however many masks there are; ``seed`` rotates the whole wheel. With seed 0
     the first colour is blue, so a lone mask never looks like a red background point.
     """
+    if n == 0:  # OpenCV refuses an empty image: an image with no masks gets no colours
+        return np.zeros((0, 3), dtype=np.uint8)
     hues = (_FIRST_HUE + (seed + np.arange(n)) * _GOLDEN_RATIO_CONJUGATE) % 1.0
     hsv = np.stack(
         [np.round(hues * 179), np.full(n, 200), np.full(n, 240)], axis=-1
@@ -49,6 +53,7 @@ def draw_overlay(
     boxes: np.ndarray | None = None,
     alpha: float = 0.5,
     seed: int = 0,
+    banner: str | None = None,
 ) -> np.ndarray:
     """Return a copy of ``image`` with masks, points and boxes drawn on it.
 
@@ -62,6 +67,8 @@ def draw_overlay(
         boxes: ``B x 4`` XYXY.
         alpha: opacity of the mask fill, 0..1.
         seed: rotates the palette, e.g. to tell two overlays of one image apart.
+        banner: a line of text written across the top in white on red, e.g. to mark masks of
+            an untrained model (:data:`UNTRAINED_BANNER`).
 
     Returns ``H x W x 3`` uint8.
     """
@@ -82,7 +89,20 @@ def draw_overlay(
         _draw_boxes(out, boxes, thickness)
     if points is not None:
         _draw_points(out, points, labels, thickness)
+    if banner:
+        _draw_banner(out, banner)
     return out
+
+
+def _draw_banner(out: np.ndarray, text: str) -> None:
+    """``text`` on a red strip across the top, scaled to fit the image's width."""
+    font, thickness = cv2.FONT_HERSHEY_SIMPLEX, 1
+    (width, height), baseline = cv2.getTextSize(text, font, 1.0, thickness)
+    scale = min(1.0, 0.95 * out.shape[1] / width)
+    strip = min(out.shape[0], int((height + baseline) * scale) + 8)
+    out[:strip] = BANNER_RGB
+    cv2.putText(out, text, (4, strip - int(baseline * scale) - 4), font, scale,
+                (255, 255, 255), thickness, cv2.LINE_AA)
 
 
 def save_png(path: str | Path, array: np.ndarray) -> Path:

@@ -26,7 +26,7 @@ from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS, build_sam, get_config, is
 from samkit.errors import SamkitError
 from samkit.images import load_image
 from samkit.modeling.sam import Sam
-from samkit.overlay import draw_overlay, save_png, write_bytes_atomic
+from samkit.overlay import UNTRAINED_BANNER, draw_overlay, save_png, write_bytes_atomic
 from samkit.predictor import SamPredictor
 from samkit.weights import REGISTRY, cached_path
 
@@ -359,6 +359,7 @@ def write_outputs(
         points=prompts.points,
         labels=prompts.labels,
         boxes=None if prompts.box is None else prompts.box[None],
+        banner=None if result["trained"] else UNTRAINED_BANNER,
     )
     save_png(out_dir / "overlay.png", overlay)
     write_bytes_atomic(out_dir / "result.json", (json.dumps(result, indent=2) + "\n").encode())

@@ -95,7 +95,7 @@ def test_unknown_layout_lists_the_difference(tmp_path) -> None:
     "content, reason",
     [
         (b"", "empty"),
-        (b"this is not a checkpoint at all" * 10, "cannot read checkpoint"),
+        (b"this is not a checkpoint at all" * 10, "is not a PyTorch/safetensors checkpoint"),
     ],
 )
 def test_corrupt_files_give_one_line(tmp_path, content: bytes, reason: str) -> None:
@@ -116,7 +116,7 @@ def test_truncated_checkpoint(tmp_path, vit_t_pth) -> None:
             truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
         else:
             truncated.write_bytes(data[:cut])
-        with pytest.raises(SamkitError, match="cannot read checkpoint") as err:
+        with pytest.raises(SamkitError, match="is not a PyTorch/safetensors checkpoint") as err:
             build_sam("vit_t", checkpoint=truncated)
         assert "\n" not in str(err.value)
 
@@ -125,8 +125,11 @@ def test_pickled_code_is_refused(tmp_path) -> None:
     """weights_only=True: a checkpoint that would run code on load is rejected, not executed."""
     path = tmp_path / "evil.pth"
     torch.save({"model": {"x": torch.zeros(1)}, "hook": Path("/")}, path)
-    with pytest.raises(SamkitError, match="cannot read checkpoint"):
+    with pytest.raises(SamkitError, match="is not a PyTorch/safetensors checkpoint") as err:
         build_sam("vit_t", checkpoint=path)
+    message = str(err.value)
+    assert "PosixPath" in message and "\n" not in message  # names what it refused
+    assert "weights_only" not in message  # never suggests turning the safe loader off
 
 
 def test_missing_checkpoint_and_unknown_model(tmp_path) -> None:
@@ -176,3 +179,17 @@ def test_shipped_samkit_tiny_loads_strictly_and_segments() -> None:
     inter = (masks[0] & (gt == 255) & known).sum()
     union = ((masks[0] | (gt == 255)) & known).sum()
     assert inter / union >= 0.7
+
+
+def test_untrained_models_are_the_same_on_every_build() -> None:
+    """Random weights do not depend on the caller's RNG, so two runs of a command agree, and
+    the caller's stream is left untouched."""
+    torch.manual_seed(123)
+    first = build_sam("vit_t").state_dict()
+    after_first = torch.rand(1)
+    torch.manual_seed(123)
+    torch.rand(5)  # a different RNG state before the second build
+    second = build_sam("vit_t").state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after_first)  # build_sam drew nothing from the stream

@@ -116,6 +116,9 @@ def test_click_accept_next_export_in_chromium(server, tmp_path: Path) -> None:
             page.wait_for_selector("#canvas[data-ready='1']")
             assert "Ready" in page.inner_text("#status")
             assert "Enter" in page.inner_text("#shortcuts")
+            # The small test model has random weights: the page must say so beside its masks.
+            badge = page.locator("#model-badge.untrained")
+            assert "UNTRAINED" in badge.inner_text() and "weights: " in badge.inner_text()
 
             page.keyboard.press("Enter")  # nothing to accept yet: a clear message
             page.wait_for_selector("#status.error")

@@ -7,6 +7,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +251,46 @@ def test_retrain_registers_a_version_the_server_switches_to(tmp_path: Path) -> N
     assert client.post("/api/models/current", json={"version": 2}).json()["loaded"] == 2
     decoded = client.post("/api/images/1/decode", json={"points": [[30, 20, 1]]}).json()
     assert decoded["model_version"] == 2
+
+
+def test_annotate_on_a_busy_port_is_one_error_line(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as squatter:  # someone else's app on the port
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        busy = squatter.getsockname()[1]
+        code, out, err = run(["annotate", str(tmp_path / "proj"), "--port", str(busy)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("samkit: error: ")
+    assert f"port {busy} on 127.0.0.1 is in use" in err and "--port 0" in err
+    assert "open http" not in out  # no URL that would open the other program
+    assert not (tmp_path / "proj").exists()  # failed before creating anything
+
+
+def test_annotate_port_0_serves_on_the_port_it_prints(tmp_path: Path) -> None:
+    images = make_images(tmp_path / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "samkit.cli", "annotate", str(tmp_path / "proj"),
+               "--images", str(images), "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=env)
+    try:
+        url = None
+        for line in server.stdout:  # type: ignore[union-attr]
+            if "open http://" in line:
+                url = line.split("open ", 1)[1].strip()
+                break
+        assert url is not None and not url.endswith(":0/"), url
+        port = int(url.rsplit(":", 1)[1].rstrip("/"))
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/project", timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "server never answered"
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from samkit.cli import main
+from samkit.eval.report import legend_label
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -45,6 +46,17 @@ def test_points_smoke(tmp_path):
     assert m["objects"] == 1 and set(m["miou"]) == {"1", "2", "3"}
     assert 0.0 <= m["box_miou"] <= 1.0 and 1 <= m["noc"]["90"] <= 3
     assert doc["settings"]["max_clicks"] == 3 and doc["runtime_s"] > 0
+    assert doc["model"]["weights"] == "bundled samkit_tiny.safetensors"
+
+
+def test_plot_legend_names_the_weights() -> None:
+    untrained = {"name": "vit_b", "trained": False, "weights": "random (seed 0)"}
+    trained = {"name": "samkit-tiny", "trained": True, "weights": "bundled x.safetensors"}
+    assert legend_label("vit_b", untrained, ["grabcut"]) == "vit_b (UNTRAINED: random (seed 0))"
+    assert legend_label("grabcut", untrained, ["grabcut"]) == "grabcut"  # a baseline: no model
+    assert legend_label("samkit-tiny", trained, []) == "samkit-tiny (bundled x.safetensors)"
+    # Documents written before weights were recorded still say "untrained".
+    assert "UNTRAINED" in legend_label("m", {"trained": False}, [])
 
 
 def test_edges_smoke(tmp_path):

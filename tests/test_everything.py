@@ -226,6 +226,26 @@ def test_overlay_written_and_required_for_done(tmp_path):
     assert not (overlay == np.asarray(Image.open(images / "p.png"))).all()
 
 
+class NoMaskFactory(FakeFactory):
+    """A generator whose every mask failed the filters: it returns no records."""
+
+    def __call__(self) -> LoadedGenerator:
+        self.builds += 1
+        return LoadedGenerator(lambda image: [], "fake", trained=True)
+
+
+def test_overlay_of_an_image_without_masks_is_the_image(tmp_path):
+    images, out = tmp_path / "in", tmp_path / "out"
+    make_images(images, ["p.png", "q.png"])
+    out.mkdir()
+    summary = run_everything(items_of(images, out), out, NoMaskFactory(), overlay=True)
+    assert (summary.done, summary.failed) == (2, 0)  # the run goes on past the first image
+    for name in ("p.png", "q.png"):
+        assert json.loads((out / f"{name}.json").read_text())["annotations"] == []
+        overlay = np.asarray(Image.open(out / f"{name}.overlay.png"))
+        assert (overlay == np.asarray(Image.open(images / name).convert("RGB"))).all()
+
+
 def test_sigkill_then_resume_does_each_image_once(tmp_path):
     """Real CLI, real samkit-tiny: kill -9 mid-run, then rerun to the end."""
     images, out = tmp_path / "in", tmp_path / "out"

@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 from samkit import cli, segment
 from samkit.build import build_sam, save_checkpoint
 from samkit.errors import SamkitError
-from samkit.overlay import draw_overlay, palette, save_png
+from samkit.overlay import BANNER_RGB, draw_overlay, palette, save_png
 from samkit.weights import cached_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +97,8 @@ def check_outputs(out_dir: Path, image_path: Path) -> dict:
     np.testing.assert_array_equal(read_png(out_dir / "mask.png"), read_png(out_dir / best["file"]))
     overlay = read_png(out_dir / "overlay.png")
     assert overlay.shape == (height, width, 3) and overlay.dtype == np.uint8
+    # An untrained model's overlay says so in a red strip across the top; a trained one's not.
+    assert (overlay[0] == BANNER_RGB).all() == (not result["trained"])
     return result
 
 
@@ -345,7 +347,7 @@ def test_corrupt_checkpoint_is_one_line(
             str(bad_files["corrupt_ckpt"]), "-o", str(out_dir)]
     code, _, err = run_cli(argv, capsys)
     assert code == 2
-    assert_one_error_line(err, "cannot read checkpoint")
+    assert_one_error_line(err, "is not a PyTorch/safetensors checkpoint")
     assert not (out_dir / "result.json").exists()
 
 

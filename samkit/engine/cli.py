@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -27,7 +29,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     annotate.add_argument("--host", default="127.0.0.1",
                           help="address to bind (default 127.0.0.1; any other address "
                           "requires an access token)")
-    annotate.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    annotate.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free port, printed)")
     annotate.add_argument("--token", metavar="T",
                           help="access token (default: generated and printed when --host is "
                           "not loopback)")
@@ -159,6 +161,10 @@ def run_annotate(args: argparse.Namespace) -> int:
         raise SamkitError("--max-upload-mb must be positive")
     token, generated = resolve_token(args.host, args.token)
     device = resolve_device(args.device)
+    # Bound before the model loads, so a busy port fails at once and --port 0 can print the
+    # port the system picked; uvicorn serves on this very socket (no window for a race).
+    listener = bind_listener(args.host, args.port)
+    port = listener.getsockname()[1]
     project = open_project(args.project, args.images, args.model, args.checkpoint)
     service = ModelService(project, device,
                            encoder_dtype=torch.bfloat16 if args.bf16 else None)
@@ -169,12 +175,38 @@ def run_annotate(args: argparse.Namespace) -> int:
                      max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     shown_host = "<this machine's address>" if args.host in ("0.0.0.0", "::") else args.host
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
-    url = f"http://{shown_host}:{args.port}/" + (f"?token={token}" if token else "")
+    url = f"http://{shown_host}:{port}/" + (f"?token={token}" if token else "")
     print(f"samkit annotate: {project.root} ({len(project.db.images())} images, model version "
           f"{service.version.id} on {device})\n  open {url}"
           + ("\n  (access token generated for this run)" if generated else ""), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    server.run(sockets=[listener])
     return 0
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``port`` 0: a free one the system picks).
+
+    A port another program holds is a :class:`SamkitError`: the URL samkit would print
+    would open that program instead.
+    """
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as err:
+        raise SamkitError(f"--host {host}: {err.strerror}") from None
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    if os.name != "nt":  # as uvicorn does: a restart may reuse a port in TIME_WAIT
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+        listener.listen(128)
+    except OSError as err:
+        listener.close()
+        if err.errno == errno.EADDRINUSE:
+            raise SamkitError(f"port {port} on {host} is in use by another program; choose "
+                              "another with --port, or --port 0 for a free one") from None
+        raise SamkitError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return listener
 
 
 def run_auto(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from samkit.build import build_sam, is_trained
+from samkit.build import build_sam, is_trained, weights_source
 from samkit.engine.db import ImageRow, ModelVersion
 from samkit.engine.project import Project
 from samkit.errors import SamkitError
@@ -118,6 +118,7 @@ class ModelService:
         self.version = version
         self.model = model
         self.trained = is_trained(model)
+        self.weights = weights_source(model)
         self._predictor = _EmbeddingPredictor(model, encoder_dtype=self.encoder_dtype)
         self._current: tuple[int, int] | None = None  # (version, image) in the predictor
         self._memory.clear()
@@ -154,7 +155,8 @@ class ModelService:
     def status(self) -> dict[str, Any]:
         return {"activity": self._activity,
                 "for_s": round(time.monotonic() - self._activity_since, 3),
-                "version": self.version.id, "trained": self.trained, "device": self.device}
+                "version": self.version.id, "trained": self.trained, "weights": self.weights,
+                "device": self.device}
 
     # ------------------------------------------------------------------ embeddings
     def has_embedding(self, image_id: int) -> bool:

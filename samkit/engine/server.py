@@ -266,6 +266,7 @@ def create_app(project: Project, service: ModelService, *, token: str | None = N
     @app.get("/api/models")
     def models() -> dict[str, Any]:
         return {"loaded": service.version.id, "trained": service.trained,
+                "model": service.version.model, "weights": service.weights,
                 "versions": [v.to_json() for v in db.model_versions()]}
 
     @app.post("/api/models/current")

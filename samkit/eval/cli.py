@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS
+from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS, weights_source
 from samkit.errors import SamkitError
 
 EXIT_NOTHING_EVALUATED = 1
@@ -216,6 +216,7 @@ def _load_model(choice: Any, device: str, seed: int) -> tuple[Any, dict[str, Any
         "name": choice.name,
         "checkpoint": None if choice.checkpoint is None else str(choice.checkpoint.resolve()),
         "trained": trained,
+        "weights": weights_source(model),
         "device": device,
         "image_size": model.image_size,
     }

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,8 @@ def write_report(json_path: Path, document: dict[str, Any]) -> list[Path]:
     """Write the plots, the Markdown and the JSON (last, so its presence means a finished
     run); returns every path written."""
     md_path, stem = output_paths(json_path)
-    plots = [plot_dataset(document["protocol"], ds, Path(f"{stem}.{ds['name']}.png"))
+    plots = [plot_dataset(document["protocol"], ds, Path(f"{stem}.{ds['name']}.png"),
+                          model=document.get("model"), baselines=document.get("baselines", ()))
              for ds in document["datasets"] if ds.get("methods")]
     document["outputs"] = {"markdown": md_path.name, "plots": [p.name for p in plots]}
     write_bytes_atomic(md_path, markdown(document).encode())
@@ -103,15 +104,19 @@ def markdown(document: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- plots
-def plot_dataset(protocol: str, dataset: dict[str, Any], path: Path) -> Path:
-    """One PNG per dataset: the protocol's curve for every method."""
+def plot_dataset(protocol: str, dataset: dict[str, Any], path: Path, *,
+                 model: dict[str, Any] | None = None, baselines: Sequence[str] = ()) -> Path:
+    """One PNG per dataset: the protocol's curve for every method. ``model`` (the eval
+    document's model record) names the model's weights in the legend of its curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=110)
-    PLOTTERS[protocol](ax, dataset["methods"])
+    methods = {legend_label(name, model, baselines): metrics
+               for name, metrics in dataset["methods"].items()}
+    PLOTTERS[protocol](ax, methods)
     ax.set_title(f"{protocol}: {dataset['name']}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -120,6 +125,15 @@ def plot_dataset(protocol: str, dataset: dict[str, Any], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def legend_label(method: str, model: dict[str, Any] | None, baselines: Sequence[str]) -> str:
+    """A method's legend entry: a model's curve says whether it is trained and on what."""
+    if model is None or method in baselines:
+        return method
+    if not model.get("trained"):
+        return f"{method} (UNTRAINED: {model.get('weights', 'random weights')})"
+    return f"{method} ({model.get('weights', 'trained')})"
 
 
 def _plot_points(ax: Any, methods: dict[str, Any]) -> None:

@@ -644,6 +644,12 @@ async function loadModels() {
     option.selected = v.id === models.loaded;
     select.append(option);
   }
+  // Random weights give patterned masks with made-up scores: say so where masks are shown.
+  const badge = $("model-badge");
+  badge.textContent = models.trained
+    ? `${models.model} · trained · weights: ${models.weights}`
+    : `${models.model} · UNTRAINED (weights: ${models.weights}) — masks mean nothing`;
+  badge.className = models.trained ? "trained" : "untrained";
 }
 
 $("model-version").addEventListener("focus", () => loadModels().catch((e) => report(e, "Models")));
