@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from samkit import __version__
 from samkit.errors import SamkitError
-from samkit.runtime import keep_freed_memory
+from samkit.runtime import default_openmp_wait_policy, keep_freed_memory, set_threads
 
 # Modules that contribute sub-commands, imported lazily so `samkit --help` stays fast.
 COMMAND_MODULES = ("samkit.segment", "samkit.everything", "samkit.train", "samkit.weights", "samkit.eval", "samkit.engine", "samkit.onnx_export")
@@ -30,13 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_cli(subparsers)
+    for command in _leaf_parsers(subparsers):
+        command.add_argument("--threads", type=_positive_int, metavar="N",
+                             help="CPU threads for torch (default: one per core; see README "
+                             "'Threads' for a loaded machine)")
     return parser
 
 
+def _leaf_parsers(subparsers: argparse._SubParsersAction) -> list[argparse.ArgumentParser]:
+    """Every parser that runs a command (``engine``'s own sub-commands, not ``engine``)."""
+    leaves = []
+    for parser in dict.fromkeys(subparsers.choices.values()):  # aliases map to one parser
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        leaves += _leaf_parsers(nested[0]) if nested else [parser]
+    return leaves
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    default_openmp_wait_policy()  # before any command module imports torch
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()  # see samkit/runtime.py: the encoder's big buffers stay mapped
+    set_threads(getattr(args, "threads", None))
     try:
         return int(args.func(args) or 0)
     except SamkitError as err:
@@ -45,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("samkit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `samkit ... | head -1`: the reader left, nothing to say
+        # Python would report the failed flush of stdout at exit: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

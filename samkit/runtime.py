@@ -39,3 +39,28 @@ def keep_freed_memory() -> bool:
     trim_ok = libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(2**31 - 1))
     mmap_ok = libc.mallopt(M_MMAP_MAX, ctypes.c_int(0))
     return bool(trim_ok and mmap_ok)
+
+
+# OpenMP's default is to spin a waiting thread for a while before sleeping. On a machine whose
+# cores are busy with other work that spinning steals the core from the thread it waits for:
+# benchmarks/threads.py measures the cost, and why PASSIVE is the command's default.
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+DEFAULT_WAIT_POLICY = "PASSIVE"
+
+
+def default_openmp_wait_policy() -> None:
+    """Make OpenMP threads sleep while they wait (unless ``OMP_WAIT_POLICY`` is already set).
+
+    Takes effect only before OpenMP starts, i.e. before torch runs its first parallel op: the
+    ``samkit`` command calls it before importing any command module.
+    """
+    os.environ.setdefault(WAIT_POLICY_ENV, DEFAULT_WAIT_POLICY)
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for torch's ops (None: leave torch's default, one per core)."""
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)

@@ -77,13 +77,15 @@ def test_init_imports_safely_and_only_once(tmp_path: Path,
     (source / "notes.txt").write_text("ignored: not an image suffix")
     code, out, err = run(["engine", "init", str(tmp_path / "p"), "--images", str(source)], capsys)
     assert code == 0, err
-    assert "imported 2 image(s)" in out and "1 skipped" in out and "broken.jpg" in err
+    assert "imported 2 image(s)" in out and "1 not readable, skipped" in out
+    assert "broken.jpg" in err
     project = Project.open(tmp_path / "p")
     assert [i.file_name for i in project.db.images()] == ["img0.png", "sub__my_photo__1_.PNG"]
     assert (project.images_dir / "img0.png").read_bytes() == (source / "img0.png").read_bytes()
     assert not any(p.is_symlink() for p in project.images_dir.iterdir())
     code, out, _ = run(["engine", "init", str(tmp_path / "p"), "--images", str(source)], capsys)
     assert "imported 0 image(s)" in out and len(project.db.images()) == 2
+    assert "2 already in the project" in out  # not "skipped", as if something failed
 
     code, _, err = run(["engine", "init", str(tmp_path / "q"), "--images", str(tmp_path / "no")],
                        capsys)

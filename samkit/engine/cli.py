@@ -58,14 +58,20 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     auto.add_argument("--shard", metavar="i/n",
                       help="do only shard i (0-based) of n (default under torchrun: RANK/"
                       "WORLD_SIZE)")
-    auto.add_argument("--points-per-side", type=int, default=32, metavar="N")
-    auto.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="F")
-    auto.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="F")
-    auto.add_argument("--crop-n-layers", type=int, default=0, metavar="N")
-    auto.add_argument("--min-mask-region-area", type=int, default=0, metavar="N")
+    auto.add_argument("--points-per-side", type=int, default=32, metavar="N",
+                      help="prompt grid of N x N points per image (default 32, the paper's)")
+    auto.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="F",
+                      help="keep masks whose predicted IoU is at least F (default 0.88)")
+    auto.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="F",
+                      help="keep masks whose stability score is at least F (default 0.95)")
+    auto.add_argument("--crop-n-layers", type=int, default=0, metavar="N",
+                      help="also segment N layers of zoomed-in crops (default 0)")
+    auto.add_argument("--min-mask-region-area", type=int, default=0, metavar="N",
+                      help="remove holes and islands under N px (default 0: off)")
     auto.add_argument("--model-version", type=int, metavar="V",
                       help="model version to use (default: the project's current one)")
-    auto.add_argument("--device", metavar="cpu|cuda")
+    auto.add_argument("--device", metavar="cpu|cuda",
+                      help="default: cuda if available, else cpu")
     auto.add_argument("--bf16", action="store_true", help=BF16_HELP)
     auto.set_defaults(func=run_auto)
 
@@ -123,8 +129,11 @@ def open_project(root: Path, images: Path | None, model: str | None,
         choice = resolve_model(model or DEFAULT_MODEL, checkpoint)
     project = Project.open(root, create=True)
     if images is not None:
-        added, skipped = project.import_folder(images)
-        print(f"imported {added} image(s) from {images} ({skipped} skipped)")
+        added, present, failed = project.import_folder(images)
+        notes = [f"{present} already in the project"] if present else []
+        notes += [f"{failed} not readable, skipped"] if failed else []
+        print(f"imported {added} image(s) from {images}"
+              + (f" ({', '.join(notes)})" if notes else ""))
     db = project.db
     if choice is None and db.get_setting("model_version") is not None:
         return project

@@ -109,23 +109,24 @@ class Project:
             else str(path)
 
     # ------------------------------------------------------------------ images
-    def import_folder(self, source: Path) -> tuple[int, int]:
+    def import_folder(self, source: Path) -> tuple[int, int, int]:
         """Add every image under ``source`` (recursively, hidden files skipped); returns
-        (added, skipped). Names flatten sub-folders (``a/b.jpg`` -> ``a__b.jpg``); a name the
-        project already has is skipped, so importing again only adds new files."""
-        added = skipped = 0
+        (added, already in the project, failed). Names flatten sub-folders (``a/b.jpg`` ->
+        ``a__b.jpg``); a name the project already has is left alone, so importing again only
+        adds new files; a file that is not a readable image is reported and skipped."""
+        added = present = failed = 0
         for item in collect_images(source.expanduser(), None, exclude=self.root):
             name = sanitize_name(item.rel.replace("/", "__"))
             if self.db.image_by_name(name) is not None:
-                skipped += 1
+                present += 1
                 continue
             try:
                 self.add_image_file(item.path, name, move=False)
                 added += 1
             except SamkitError as err:
                 print(f"samkit: skipped {item.rel}: {err}", file=sys.stderr)
-                skipped += 1
-        return added, skipped
+                failed += 1
+        return added, present, failed
 
     def add_image_file(self, source: Path, name: str, *, move: bool) -> ImageRow:
         """Validate ``source`` as an image (decompression-bomb limit included), put it in

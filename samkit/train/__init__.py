@@ -75,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``samkit train``."""
-    parser = subparsers.add_parser("train", help="train or fine-tune a SAM (paper App. A)")
+    parser = subparsers.add_parser(
+        "train", help="train or fine-tune a SAM (paper App. A)",
+        description="Train or fine-tune a SAM with the paper's algorithm (App. A: simulated "
+        "interactive prompts, focal + dice + IoU losses) from a YAML config; resumes exactly "
+        "with --resume. See docs/training.md.")
     add_arguments(parser)
     parser.set_defaults(func=run)
