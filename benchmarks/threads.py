@@ -9,13 +9,15 @@ The workload is a real command, ``samkit everything examples/sample.png --points
 gets its own OpenMP start-up. Policies:
 
 - ``1 thread``: ``--threads 1``;
-- ``all cores, spin``: one thread per core with OpenMP's own default wait policy (spin for a
-  while, then sleep; what a plain torch program gets);
-- ``all cores, passive``: one thread per core with ``OMP_WAIT_POLICY=PASSIVE``, the
-  ``samkit`` command's default.
+- ``all cores``: one thread per core (torch's default) with OpenMP's own wait policy (spin
+  for a while, then sleep);
+- ``all cores, passive wait``: the same with ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at
+  once);
+- ``samkit default``: no flag: one thread per core that other programs leave free, measured
+  while the command starts (``samkit.runtime.default_threads``).
 
-"loaded" runs a busy loop in another process (one core's worth of someone else's work) during
-the timings. Rows alternate policies so machine noise hits all; the table gives medians and
+"loaded" runs a busy loop in another process (one core's worth of someone else's work)
+during the timings. Rows alternate policies so machine noise hits all; the table gives medians and
 each policy's ratio to the best policy in its condition.
 """
 
@@ -33,11 +35,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "sample.png"
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 POLICIES = {
     "1 thread": ({}, ["--threads", "1"]),
-    "all cores, spin": ({"OMP_WAIT_POLICY": ""}, []),  # empty: OpenMP's default, samkit's kept off
-    "all cores, passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, []),
+    "all cores": ({}, ["--threads", str(CORES)]),
+    "all cores, passive wait": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["--threads", str(CORES)]),
+    "samkit default (free cores)": ({}, []),
 }
+
 
 
 def busy_loop() -> None:

@@ -14,7 +14,7 @@ import sys
 
 from samkit import __version__
 from samkit.errors import SamkitError
-from samkit.runtime import default_openmp_wait_policy, keep_freed_memory, set_threads
+from samkit.runtime import default_threads, keep_freed_memory, sample_cpu, set_threads
 
 # Modules that contribute sub-commands, imported lazily so `samkit --help` stays fast.
 COMMAND_MODULES = ("samkit.segment", "samkit.everything", "samkit.train", "samkit.weights", "samkit.eval", "samkit.engine", "samkit.onnx_export")
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(name).add_cli(subparsers)
     for command in _leaf_parsers(subparsers):
         command.add_argument("--threads", type=_positive_int, metavar="N",
-                             help="CPU threads for torch (default: one per core; see README "
-                             "'Threads' for a loaded machine)")
+                             help="CPU threads for torch (default: one per core not busy with "
+                             "other work, from the load average; see README 'Threads')")
     return parser
 
 
@@ -55,11 +55,13 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_openmp_wait_policy()  # before any command module imports torch
+    before_imports = sample_cpu()  # building the parser imports torch: ~1 s to watch the CPUs
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()  # see samkit/runtime.py: the encoder's big buffers stay mapped
-    set_threads(getattr(args, "threads", None))
+    threads = getattr(args, "threads", None)
+    if threads is not None or "OMP_NUM_THREADS" not in os.environ:  # the user's choice wins
+        set_threads(threads or default_threads(before_imports))
     try:
         return int(args.func(args) or 0)
     except SamkitError as err:

@@ -455,6 +455,21 @@ def one_line(err: BaseException) -> str:
 # --- command line -------------------------------------------------------------------------
 
 
+def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
+    """The automatic mask generator's options (paper §7.3 defaults), shared by
+    ``samkit everything`` and ``samkit engine auto``."""
+    parser.add_argument("--points-per-side", type=int, default=32, metavar="N",
+                        help="point grid is N x N per crop (default 32, the paper's)")
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="F",
+                        help="drop masks with predicted IoU below F (default 0.88)")
+    parser.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="F",
+                        help="drop masks with stability score below F (default 0.95)")
+    parser.add_argument("--crop-n-layers", type=int, default=0, metavar="N",
+                        help="also run on N layers of zoomed-in crops (default 0)")
+    parser.add_argument("--min-mask-region-area", type=int, default=0, metavar="N",
+                        help="remove holes and islands smaller than N px (default 0: off)")
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``samkit everything``."""
     from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS
@@ -479,16 +494,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", type=Path, metavar="PATH",
                         help="weights for --model (default: bundled, or the "
                         "`samkit weights fetch` cache)")
-    parser.add_argument("--points-per-side", type=int, default=32, metavar="N",
-                        help="point grid is N x N per crop (default 32)")
-    parser.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="F",
-                        help="drop masks with predicted IoU below F (default 0.88)")
-    parser.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="F",
-                        help="drop masks with stability score below F (default 0.95)")
-    parser.add_argument("--crop-n-layers", type=int, default=0, metavar="N",
-                        help="also run on N layers of zoomed-in crops (default 0)")
-    parser.add_argument("--min-mask-region-area", type=int, default=0, metavar="N",
-                        help="remove holes and islands smaller than N px (default 0: off)")
+    add_generator_arguments(parser)
     parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
     parser.add_argument("--overlay", action="store_true",
                         help="also write <name>.overlay.png with the masks drawn")

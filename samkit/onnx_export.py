@@ -365,7 +365,12 @@ def _metadata(sam: Sam, model_name: str, graph: str) -> dict[str, str]:
 
 def quantize_int8(src: Path, dst: Path) -> Path:
     """Dynamic int8 quantization of the MatMul / Gemm weights (activations are quantized on
-    the fly), keeping the graph's metadata."""
+    the fly), keeping the graph's metadata.
+
+    Weights use 7 of their 8 bits (``reduce_range``): on CPUs without VNNI (AVX2 only)
+    onnxruntime multiplies uint8 activations by int8 weights with an instruction whose int16
+    pair sums saturate at full range. Measured on samkit-tiny's decoder (random weights) on an
+    AVX2 CPU: mask IoU against fp32 0.772 mean with 8-bit weights, 0.979 with 7-bit."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -377,7 +382,7 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     try:
         quantize_dynamic(
             src, dst, op_types_to_quantize=INT8_OPS,
-            weight_type=getattr(QuantType, INT8_WEIGHT_TYPE),
+            weight_type=getattr(QuantType, INT8_WEIGHT_TYPE), reduce_range=True,
         )
     finally:
         root.setLevel(level)

@@ -15,6 +15,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import time
+from dataclasses import dataclass
 
 # mallopt parameters (glibc malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -41,26 +43,58 @@ def keep_freed_memory() -> bool:
     return bool(trim_ok and mmap_ok)
 
 
-# OpenMP's default is to spin a waiting thread for a while before sleeping. On a machine whose
-# cores are busy with other work that spinning steals the core from the thread it waits for:
-# benchmarks/threads.py measures the cost, and why PASSIVE is the command's default.
-WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
-DEFAULT_WAIT_POLICY = "PASSIVE"
+@dataclass(frozen=True)
+class CpuSample:
+    """The machine's busy CPU time and this process's own, at one moment (Linux)."""
+
+    wall_s: float
+    machine_busy_s: float
+    own_s: float
 
 
-def default_openmp_wait_policy() -> None:
-    """Make OpenMP threads sleep while they wait (unless ``OMP_WAIT_POLICY`` is already set).
+def sample_cpu() -> CpuSample | None:
+    """Now's :class:`CpuSample`, from ``/proc/stat``; None where there is none."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    own = os.times()
+    return CpuSample(time.monotonic(), (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK"),
+                     own.user + own.system)
 
-    Takes effect only before OpenMP starts, i.e. before torch runs its first parallel op: the
-    ``samkit`` command calls it before importing any command module.
+
+MIN_SAMPLE_S = 0.25  # shorter windows are too coarse for /proc/stat's 10 ms ticks
+
+
+def default_threads(since: CpuSample | None = None) -> int:
+    """Threads for the ``samkit`` command: one per core that other programs leave free.
+
+    OpenMP threads spin while they wait for each other; on a core that another program keeps
+    busy, the thread that shares it gets a slice of it and every parallel op waits for that
+    slice, so on a loaded machine all cores is far slower than fewer threads. The cores other
+    programs use are measured since ``since`` (the machine's busy CPU time less this
+    process's own, over the wall time between; the ``samkit`` command samples before it
+    imports torch), else taken from the 1-minute load average; at least one thread.
+    ``benchmarks/threads.py`` measures this policy against the fixed ones.
     """
-    os.environ.setdefault(WAIT_POLICY_ENV, DEFAULT_WAIT_POLICY)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    now = sample_cpu()
+    if since is not None and now is not None and now.wall_s - since.wall_s >= MIN_SAMPLE_S:
+        others = ((now.machine_busy_s - since.machine_busy_s) - (now.own_s - since.own_s)) / (
+            now.wall_s - since.wall_s)
+    else:
+        try:
+            others = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform
+            others = 0.0
+    return max(1, cores - round(others))
 
 
-def set_threads(threads: int | None) -> None:
-    """Use ``threads`` CPU threads for torch's ops (None: leave torch's default, one per core)."""
-    if threads is None:
-        return
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads for torch's ops."""
     import torch
 
     torch.set_num_threads(threads)

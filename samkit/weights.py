@@ -337,7 +337,20 @@ def _cli_list(args: argparse.Namespace) -> int:
     widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print(f"cache: {args.cache_dir or cache_dir()}")
+    print(f"default model: {default_model_status()}")
     return 0
+
+
+def default_model_status() -> str:
+    """The default model and whether this install has its bundled weights."""
+    from samkit.build import BUNDLED_WEIGHTS_DIR, DEFAULT_MODEL, get_config
+
+    bundled = get_config(DEFAULT_MODEL).bundled_weights
+    path = BUNDLED_WEIGHTS_DIR / bundled if bundled else None
+    if path is not None and path.is_file():
+        return f"{DEFAULT_MODEL}, trained: bundled {path.name} ({_human_size(path.stat().st_size)})"
+    return f"{DEFAULT_MODEL}, UNTRAINED: no bundled weights in this install (random weights)"
 
 
 def _cli_fetch(args: argparse.Namespace) -> int:

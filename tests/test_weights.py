@@ -272,6 +272,10 @@ def test_cli_list(run_cli: CliMain, capsys: pytest.CaptureFixture[str], server: 
     assert before[0].split() == ["NAME", "MODEL", "SIZE", "CACHED"]
     assert re.search(r"^vit_h\s+vit_h\s+2\.4 GiB\s+-$", "\n".join(before), re.M)
     assert re.search(r"^tiny\s+vit_t\s+293 KiB\s+-$", "\n".join(before), re.M)
+    assert f"cache: {weights.cache_dir()}" in before
+    bundled = (Path(weights.__file__).parent / "weights" / "samkit_tiny.safetensors").is_file()
+    status = "trained: bundled samkit_tiny.safetensors" if bundled else "UNTRAINED"
+    assert before[-1].startswith("default model: samkit-tiny, " + status)
 
     weights.fetch("tiny", progress=False)
     assert run_cli(["weights", "list"]) == 0

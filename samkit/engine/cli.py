@@ -17,6 +17,7 @@ from samkit.errors import SamkitError
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``samkit annotate`` and ``samkit engine``."""
+    from samkit.everything import add_generator_arguments
     from samkit.segment import BF16_HELP
 
     annotate = subparsers.add_parser(
@@ -58,16 +59,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     auto.add_argument("--shard", metavar="i/n",
                       help="do only shard i (0-based) of n (default under torchrun: RANK/"
                       "WORLD_SIZE)")
-    auto.add_argument("--points-per-side", type=int, default=32, metavar="N",
-                      help="prompt grid of N x N points per image (default 32, the paper's)")
-    auto.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="F",
-                      help="keep masks whose predicted IoU is at least F (default 0.88)")
-    auto.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="F",
-                      help="keep masks whose stability score is at least F (default 0.95)")
-    auto.add_argument("--crop-n-layers", type=int, default=0, metavar="N",
-                      help="also segment N layers of zoomed-in crops (default 0)")
-    auto.add_argument("--min-mask-region-area", type=int, default=0, metavar="N",
-                      help="remove holes and islands under N px (default 0: off)")
+    add_generator_arguments(auto)
     auto.add_argument("--model-version", type=int, metavar="V",
                       help="model version to use (default: the project's current one)")
     auto.add_argument("--device", metavar="cpu|cuda",

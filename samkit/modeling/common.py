@@ -9,6 +9,10 @@ from torch import nn
 
 # Below this many rows a product is too small for the convolution route to pay (measured).
 _ONEDNN_MIN_ROWS = 256
+# oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on other CPUs (AVX2 only)
+# bf16 autocast takes PyTorch's plain routes, which run bf16 everywhere.
+_IS_BF16_SUPPORTED = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+ONEDNN_BF16 = bool(_IS_BF16_SUPPORTED is not None and _IS_BF16_SUPPORTED())
 
 
 def eager_on_cpu(x: torch.Tensor) -> bool:
@@ -22,7 +26,8 @@ def _onednn_rows(x: torch.Tensor) -> int:
     """The rows of ``x`` (``... x C``) when the oneDNN route applies to it, else 0. A strided
     input would be copied first, so it takes the plain route."""
     rows = x.numel() // max(x.shape[-1], 1)
-    applies = eager_on_cpu(x) and rows >= _ONEDNN_MIN_ROWS and x.is_contiguous()
+    applies = (eager_on_cpu(x) and rows >= _ONEDNN_MIN_ROWS and x.is_contiguous()
+               and (ONEDNN_BF16 or not torch.is_autocast_enabled("cpu")))
     return rows if applies else 0
 
 
