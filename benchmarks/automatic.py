@@ -76,7 +76,8 @@ def worker(impl: str, weights: Path, image_path: Path, knobs: dict, reps: int, o
         generator_cls = official_package().SamAutomaticMaskGenerator
     else:
         from samkit.automatic import AutomaticMaskGenerator
-        from samkit.build import MODEL_CONFIGS, build_sam_from_config
+        from samkit.build import build_sam_from_config
+        from samkit.registry import MODEL_CONFIGS
 
         model = build_sam_from_config(MODEL_CONFIGS["vit_b"])
         generator_cls = AutomaticMaskGenerator

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from samkit import SamPredictor
-from samkit.build import MODEL_CONFIGS, SamConfig, TinyViTConfig, build_sam
+from samkit.build import build_sam
 from samkit.images import load_image
+from samkit.registry import MODEL_CONFIGS, SamConfig, TinyViTConfig
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_tiny_val2017" / "images"
 

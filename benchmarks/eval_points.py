@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from samkit.build import DEFAULT_MODEL, build_sam
+from samkit.build import build_sam
 from samkit.eval.datasets import open_dataset
 from samkit.eval.points import PointsEvaluator
 from samkit.eval.predictors import SamPromptPredictor
+from samkit.registry import DEFAULT_MODEL
 from samkit.runtime import keep_freed_memory
 
 GRABCUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grabcut"

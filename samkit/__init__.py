@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "AutomaticMaskGenerator": "samkit.automatic",
     "SamAutomaticMaskGenerator": "samkit.automatic",
-    "MODEL_CONFIGS": "samkit.build",
+    "MODEL_CONFIGS": "samkit.registry",
     "build_sam": "samkit.build",
     "is_trained": "samkit.build",
     "sam_model_registry": "samkit.build",

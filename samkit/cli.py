@@ -16,8 +16,9 @@ from samkit import __version__
 from samkit.errors import SamkitError
 from samkit.runtime import default_threads, keep_freed_memory, sample_cpu, set_threads
 
-# Modules that contribute sub-commands, imported lazily so `samkit --help` stays fast.
-COMMAND_MODULES = ("samkit.segment", "samkit.everything", "samkit.train", "samkit.weights", "samkit.eval", "samkit.engine", "samkit.onnx_export")
+# The sub-commands, one module each in samkit/commands/; they import torch only when run, so
+# `samkit --help` stays fast.
+COMMANDS = ("segment", "everything", "train", "weights", "eval", "engine", "export_onnx")
 
 EXIT_USER_ERROR = 2
 
@@ -29,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"samkit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_cli(subparsers)
+    for name in COMMANDS:
+        importlib.import_module(f"samkit.commands.{name}").add_cli(subparsers)
     for command in _leaf_parsers(subparsers):
         command.add_argument("--threads", type=_positive_int, metavar="N",
                              help="CPU threads for torch (default: one per core not busy with "
@@ -55,13 +56,15 @@ def _positive_int(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    before_imports = sample_cpu()  # building the parser imports torch: ~1 s to watch the CPUs
+    start = sample_cpu()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help and usage errors exit here, before torch loads
     keep_freed_memory()  # see samkit/runtime.py: the encoder's big buffers stay mapped
     threads = getattr(args, "threads", None)
     if threads is not None or "OMP_NUM_THREADS" not in os.environ:  # the user's choice wins
-        set_threads(threads or default_threads(before_imports))
+        import torch  # noqa: F401  (~1-2 s: the window in which the other programs' load is seen)
+
+        set_threads(threads or default_threads(start))
     try:
         return int(args.func(args) or 0)
     except SamkitError as err:

@@ -19,13 +19,11 @@ resume logic are tested without a model; :class:`GeneratorSpec` is the real fact
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import os
 import re
-import secrets
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,11 +33,12 @@ from typing import Any
 import numpy as np
 
 from samkit.errors import SamkitError
+from samkit.io import IMAGE_SUFFIXES, write_text_atomic
+from samkit.loading import warn_if_untrained
 
 # torch, the model, tqdm and pycocotools are imported where needed: `samkit --help` imports
 # this module and should stay fast.
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 # Below this, upscaling to the model's input turns each pixel into a flat block of dozens of
 # pixels: there is nothing to segment, and such files are almost always thumbnails or junk.
 MIN_IMAGE_SIDE = 8
@@ -88,7 +87,7 @@ class GeneratorSpec:
         import torch
 
         from samkit.automatic import AutomaticMaskGenerator
-        from samkit.segment import ModelChoice, build_model
+        from samkit.loading import ModelChoice, build_model, resolve_device
 
         device = resolve_device(self.device, os.environ)
         model, trained = build_model(ModelChoice(self.model, self.checkpoint), device)
@@ -186,6 +185,10 @@ def parse_shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def under_torchrun(env: Mapping[str, str]) -> bool:
+    return "RANK" in env and "WORLD_SIZE" in env
+
+
 def resolve_shard(text: str | None, env: Mapping[str, str]) -> tuple[int, int]:
     """An explicit ``--shard`` wins; else torchrun's ``RANK``/``WORLD_SIZE``; else everything."""
     if text is not None:
@@ -200,17 +203,6 @@ def select_shard(items: Sequence[ImageItem], shard: tuple[int, int]) -> list[Ima
     images (one folder) are much bigger than others."""
     index, count = shard
     return list(items[index::count])
-
-
-def resolve_device(name: str | None, env: Mapping[str, str]) -> str:
-    """Like ``samkit segment``'s device choice, but each torchrun process takes its own GPU."""
-    import torch
-
-    from samkit.segment import resolve_device as check_device
-
-    if name is None and "LOCAL_RANK" in env and torch.cuda.is_available():
-        name = f"cuda:{env['LOCAL_RANK']}"
-    return check_device(name)
 
 
 # --- resume -------------------------------------------------------------------------------
@@ -255,27 +247,6 @@ def remove_stale_tmp(outdir: Path, names: set[str]) -> None:
         if len(parts) == 4 and parts[3] == "tmp" and parts[0][:1] == "." and parts[0][1:] in names:
             with contextlib.suppress(OSError):  # another cleaner got there first
                 os.unlink(entry.path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file in the same folder, fsync, ``os.replace``.
-
-    A reader (or a resumed run) sees either no file or the complete file. The fsync matters
-    after a power cut: without it some file systems can show the renamed file empty.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("x", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(err, OSError):
-            raise SamkitError(f"cannot write {path}: {err.strerror or err}") from None
-        raise
 
 
 # --- one image ----------------------------------------------------------------------------
@@ -401,7 +372,7 @@ def run_everything(
             # Built at the first readable image, so a single bad IMAGE, or a rerun left with
             # only bad files, fails fast without loading a model.
             generator = factory()
-            warn_if_untrained(generator.model_name, generator.trained)
+            warn_if_untrained(f"model {generator.model_name!r}", generator.trained)
         try:
             segment_and_write(item, image, outdir, generator, overlay)
         except per_image_errors() as err:
@@ -429,17 +400,6 @@ def per_image_errors() -> tuple[type[BaseException], ...]:
     return SamkitError, torch.cuda.OutOfMemoryError
 
 
-def warn_if_untrained(model_name: str, trained: bool) -> None:
-    from tqdm import tqdm
-
-    if not trained:
-        tqdm.write(
-            f"WARNING: model {model_name!r} has no trained weights in this install: "
-            "masks are from RANDOM weights and mean nothing (pass --checkpoint)",
-            file=sys.stderr,
-        )
-
-
 def report_failure(rel: str, reason: str) -> None:
     """One line on stderr, written through tqdm so it does not tear the progress bar."""
     from tqdm import tqdm
@@ -450,113 +410,3 @@ def report_failure(rel: str, reason: str) -> None:
 def one_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-# --- command line -------------------------------------------------------------------------
-
-
-def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The automatic mask generator's options (paper §7.3 defaults), shared by
-    ``samkit everything`` and ``samkit engine auto``."""
-    parser.add_argument("--points-per-side", type=int, default=32, metavar="N",
-                        help="point grid is N x N per crop (default 32, the paper's)")
-    parser.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="F",
-                        help="drop masks with predicted IoU below F (default 0.88)")
-    parser.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="F",
-                        help="drop masks with stability score below F (default 0.95)")
-    parser.add_argument("--crop-n-layers", type=int, default=0, metavar="N",
-                        help="also run on N layers of zoomed-in crops (default 0)")
-    parser.add_argument("--min-mask-region-area", type=int, default=0, metavar="N",
-                        help="remove holes and islands smaller than N px (default 0: off)")
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``samkit everything``."""
-    from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS
-    from samkit.segment import BF16_HELP
-
-    parser = subparsers.add_parser(
-        "everything",
-        help="segment everything in an image or a folder of images (SA-1B-style JSON)",
-        description="Automatic mask generation for IMAGE or every image under DIR: one "
-        "SA-1B-style JSON of COCO-RLE masks per image. Resumable (done images are skipped), "
-        "shardable (--shard i/n; automatic under torchrun), and a bad file in a folder is "
-        "reported and skipped (exit 1 at the end).",
-    )
-    parser.add_argument("source", metavar="IMAGE|DIR", type=Path)
-    parser.add_argument("--glob", metavar="PATTERN",
-                        help="files to take under DIR, e.g. '**/*.jpg' (default: every image "
-                        "file, recursively, skipping hidden ones)")
-    parser.add_argument("-o", "--out", type=Path, default=DEFAULT_OUT, metavar="OUTDIR",
-                        help=f"output folder (default {DEFAULT_OUT})")
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
-                        help=f"one of {', '.join(MODEL_CONFIGS)} (default {DEFAULT_MODEL})")
-    parser.add_argument("--checkpoint", type=Path, metavar="PATH",
-                        help="weights for --model (default: bundled, or the "
-                        "`samkit weights fetch` cache)")
-    add_generator_arguments(parser)
-    parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
-    parser.add_argument("--overlay", action="store_true",
-                        help="also write <name>.overlay.png with the masks drawn")
-    parser.add_argument("--shard", metavar="i/n",
-                        help="do only shard i (0-based) of n (default under torchrun: "
-                        "RANK/WORLD_SIZE)")
-    parser.add_argument("--device", metavar="cpu|cuda",
-                        help="default: cuda if available (cuda:LOCAL_RANK under torchrun), "
-                        "else cpu")
-    parser.add_argument("--engine", choices=("local", "ray"), default="local",
-                        help="local: this process; ray: a Ray Data pipeline "
-                        "(pip install samkit[ray])")
-    parser.add_argument("--ray-address", metavar="ADDR",
-                        help="Ray cluster to join, e.g. 'auto' (default: start a local one)")
-    parser.add_argument("--ray-actors", type=int, metavar="N",
-                        help="model replicas (default: one per GPU in the cluster, else 1)")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``samkit everything``: find, shard, resume, segment, summarise."""
-    from samkit.segment import prepare_out_dir, resolve_model
-
-    choice = resolve_model(args.model, args.checkpoint)
-    items = collect_images(args.source, args.glob, exclude=args.out)
-    single = args.source.is_file()
-    shard = resolve_shard(args.shard, os.environ)
-    mine = select_shard(items, shard)
-    outdir = prepare_out_dir(args.out)
-    spec = GeneratorSpec(
-        model=choice.name,
-        checkpoint=choice.checkpoint,
-        device=args.device,
-        points_per_side=args.points_per_side,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh,
-        crop_n_layers=args.crop_n_layers,
-        min_mask_region_area=args.min_mask_region_area,
-        bf16=args.bf16,
-    )
-    desc = "everything" if shard[1] == 1 else f"everything {shard[0]}/{shard[1]}"
-    if args.engine == "ray":
-        from samkit.everything_ray import run_everything_ray
-
-        summary = run_everything_ray(
-            mine, outdir, spec, overlay=args.overlay, fail_fast=single,
-            address=args.ray_address, actors=args.ray_actors,
-        )
-    else:
-        summary = run_everything(mine, outdir, spec, overlay=args.overlay, fail_fast=single,
-                                 desc=desc)
-    print(f"{desc}: {summary} -> {outdir}")
-    if summary.failed and under_torchrun(os.environ):
-        print(
-            "samkit: exit status 0 despite the failures above: under torchrun a non-zero exit "
-            "stops every other rank. Rerun without torchrun for the overall status (done "
-            "images are skipped).",
-            file=sys.stderr,
-        )
-        return 0
-    return summary.exit_code
-
-
-def under_torchrun(env: Mapping[str, str]) -> bool:
-    return "RANK" in env and "WORLD_SIZE" in env

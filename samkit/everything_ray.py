@@ -35,8 +35,8 @@ from samkit.everything import (
     per_image_errors,
     report_failure,
     segment_and_write,
-    warn_if_untrained,
 )
+from samkit.loading import warn_if_untrained
 
 
 def run_everything_ray(
@@ -83,7 +83,7 @@ def run_everything_ray(
     warned = False
     for row in tqdm(rows, total=len(todo), desc="everything (ray)", unit="img"):
         if not warned:
-            warn_if_untrained(row["model_name"], bool(row["trained"]))
+            warn_if_untrained(f"model {row['model_name']!r}", bool(row["trained"]))
             warned = True
         if row["error"]:
             if fail_fast:

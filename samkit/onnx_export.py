@@ -29,10 +29,8 @@ mask prompt, see :mod:`samkit.modeling.shared_image`)
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,7 +41,7 @@ import torch
 from torch import nn
 
 import samkit
-from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS, build_sam, is_trained
+from samkit.build import is_trained
 from samkit.errors import SamkitError
 from samkit.modeling.prompt_encoder import LABEL_PAD
 from samkit.modeling.sam import Sam, _resize_matrix
@@ -433,53 +431,3 @@ def require_packages(quantize: bool) -> None:
     if missing:
         why = ", ".join(f"{name} ({EXPORT_PACKAGES[name]})" for name in missing)
         raise SamkitError(f"ONNX export needs {why}: pip install 'samkit[onnx]'")
-
-
-# --- command line -------------------------------------------------------------------------
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``samkit export-onnx``."""
-    parser = subparsers.add_parser(
-        "export-onnx",
-        help="export the encoder and decoder to ONNX (for onnxruntime)",
-        description="Write encoder.onnx (resized uint8 image -> embedding), decoder.onnx "
-        "(embedding + prompts -> masks at the original size), the faster shared-image decoder "
-        "pair decoder_image.onnx (once per image) + decoder_prompts.onnx (per prompt) and "
-        "samkit_onnx.json into DIR. See docs/onnx.md.",
-    )
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, metavar="NAME",
-        help=f"one of {', '.join(MODEL_CONFIGS)} (default {DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--checkpoint", type=Path, metavar="PATH",
-        help="weights for --model (default: bundled, or the `samkit weights fetch` cache)",
-    )
-    parser.add_argument("-o", "--out", type=Path, required=True, metavar="DIR",
-                        help="output folder")
-    # No argparse `choices`: a wrong value should be one SamkitError line, not a usage dump.
-    parser.add_argument("--quantize", metavar="int8",
-                        help="also write *.int8.onnx (dynamic int8 quantization)")
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point of ``samkit export-onnx``: check everything cheap first, then export."""
-    from samkit.segment import prepare_out_dir, resolve_model
-
-    check_quantize(args.quantize)
-    require_packages(args.quantize is not None)
-    choice = resolve_model(args.model, args.checkpoint)
-    out_dir = prepare_out_dir(args.out)
-    sam = build_sam(choice.name, choice.checkpoint)
-    if not is_trained(sam):
-        print(
-            f"WARNING: model {choice.name!r} has no trained weights in this install: the "
-            "exported graphs hold RANDOM weights",
-            file=sys.stderr,
-        )
-    paths = export_onnx(sam, out_dir, model_name=choice.name, quantize=args.quantize)
-    for path in paths.values():
-        print(path)
-    return 0

@@ -6,10 +6,7 @@ functions keep a fixed API: :func:`draw_overlay` and :func:`save_png`.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import secrets
 from pathlib import Path
 
 import cv2
@@ -17,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from samkit.errors import SamkitError
+from samkit.io import write_bytes_atomic
 
 FOREGROUND_RGB = (0, 220, 0)
 BACKGROUND_RGB = (230, 0, 0)
@@ -114,29 +112,6 @@ def save_png(path: str | Path, array: np.ndarray) -> Path:
     buffer = io.BytesIO()
     Image.fromarray(_png_ready(array)).save(buffer, format="PNG")
     return write_bytes_atomic(path, buffer.getvalue())
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
-
-    A reader never sees a half-written file and a failed write leaves no debris; an OS failure
-    (missing folder, no permission, disk full) is a one-line :class:`SamkitError`.
-    """
-    path = Path(path)
-    # Not tempfile.mkstemp: its files are mode 0600, and os.replace would keep that; "x" mode
-    # honours the umask like any ordinary write while still refusing to clobber a stranger.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with tmp.open("xb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):  # e.g. the folder never existed: nothing to clean
-            tmp.unlink()
-        if isinstance(err, OSError):
-            raise SamkitError(f"cannot write {path}: {err.strerror or err}") from None
-        raise
-    return path
 
 
 # --- helpers ------------------------------------------------------------------------------

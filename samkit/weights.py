@@ -21,7 +21,6 @@ name is always complete. A ``<filename>.sha256`` sidecar remembers a successful 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import json
@@ -304,61 +303,19 @@ def _stream(
     return received
 
 
-# --- command line -------------------------------------------------------------------------
-
-
-_CACHE_HELP = "cache directory (default: $SAMKIT_CACHE, $XDG_CACHE_HOME/samkit or ~/.cache/samkit)"
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``samkit weights list`` and ``samkit weights fetch``."""
-    weights = subparsers.add_parser("weights", help="list and download official checkpoints")
-    commands = weights.add_subparsers(dest="weights_command", metavar="ACTION", required=True)
-
-    listing = commands.add_parser("list", help="show the official checkpoints and the cache")
-    listing.add_argument("--cache-dir", type=Path, metavar="DIR", help=_CACHE_HELP)
-    listing.set_defaults(func=_cli_list)
-
-    fetching = commands.add_parser("fetch", help="download and verify a checkpoint")
-    # No argparse `choices`: an unknown name should be one SamkitError line, not a usage dump.
-    fetching.add_argument("name", metavar="NAME", help=f"one of {', '.join(sorted(REGISTRY))}")
-    fetching.add_argument("--cache-dir", type=Path, metavar="DIR", help=_CACHE_HELP)
-    fetching.add_argument("--url", help="download from this mirror instead of the official URL")
-    fetching.set_defaults(func=_cli_fetch)
-
-
-def _cli_list(args: argparse.Namespace) -> int:
-    rows = [("NAME", "MODEL", "SIZE", "CACHED")]
-    for name in sorted(REGISTRY):
-        spec = REGISTRY[name]
-        path = cached_path(name, args.cache_dir)
-        cached = str(path) if path.exists() else "-"
-        rows.append((name, spec.model_type, _human_size(spec.size_bytes), cached))
-    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    print(f"cache: {args.cache_dir or cache_dir()}")
-    print(f"default model: {default_model_status()}")
-    return 0
-
-
 def default_model_status() -> str:
     """The default model and whether this install has its bundled weights."""
-    from samkit.build import BUNDLED_WEIGHTS_DIR, DEFAULT_MODEL, get_config
+    from samkit.build import BUNDLED_WEIGHTS_DIR
+    from samkit.registry import DEFAULT_MODEL, get_config
 
     bundled = get_config(DEFAULT_MODEL).bundled_weights
     path = BUNDLED_WEIGHTS_DIR / bundled if bundled else None
     if path is not None and path.is_file():
-        return f"{DEFAULT_MODEL}, trained: bundled {path.name} ({_human_size(path.stat().st_size)})"
+        return f"{DEFAULT_MODEL}, trained: bundled {path.name} ({human_size(path.stat().st_size)})"
     return f"{DEFAULT_MODEL}, UNTRAINED: no bundled weights in this install (random weights)"
 
 
-def _cli_fetch(args: argparse.Namespace) -> int:
-    print(fetch(args.name, cache=args.cache_dir, url=args.url))
-    return 0
-
-
-def _human_size(size: int | None) -> str:
+def human_size(size: int | None) -> str:
     if size is None:
         return "?"
     value = float(size)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from samkit.build import build_sam_from_config, get_config, load_into, save_checkpoint
+from samkit.build import build_sam_from_config, load_into, save_checkpoint
 from samkit.errors import SamkitError
+from samkit.registry import get_config
 
 
 def main() -> None:

@@ -33,9 +33,10 @@ from torch import nn
 
 from official import SHARED, official_package, official_sam
 from samkit.automatic import AutomaticMaskGenerator, SamAutomaticMaskGenerator
-from samkit.build import SamConfig, ViTConfig, build_sam_from_config
+from samkit.build import build_sam_from_config
 from samkit.errors import SamkitError
 from samkit.modeling.sam import Sam
+from samkit.registry import SamConfig, ViTConfig
 
 # pycocotools' decode trips a NumPy 2 deprecation warning on every call.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

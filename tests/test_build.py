@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from samkit import SamkitError, build_sam, is_trained, sam_model_registry
-from samkit.build import (
-    MODEL_CONFIGS,
-    build_sam_from_config,
-    checkpoint_metadata,
-    detect_model_type,
-    get_config,
-    save_checkpoint,
-)
+from samkit.build import (build_sam_from_config, checkpoint_metadata, detect_model_type,
+                          save_checkpoint)
+from samkit.registry import MODEL_CONFIGS, get_config
 
 
 @pytest.fixture(scope="module")

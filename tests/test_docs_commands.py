@@ -44,7 +44,7 @@ def test_the_docs_show_commands() -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from samkit.train import add_arguments
+    from samkit.commands.train import add_arguments
 
     parser = argparse.ArgumentParser(prog="python -m samkit.train")
     add_arguments(parser)

@@ -26,13 +26,13 @@ from pycocotools import mask as mask_utils
 pytest.importorskip("fastapi", reason="the annotation server needs `pip install samkit[engine]`")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from samkit.build import SamConfig, TinyViTConfig, build_sam, save_checkpoint  # noqa: E402
-from samkit.engine.cli import open_project  # noqa: E402
+from samkit.build import build_sam, save_checkpoint  # noqa: E402
 from samkit.engine.model_service import ModelService  # noqa: E402
-from samkit.engine.project import Project  # noqa: E402
+from samkit.engine.project import Project, open_project  # noqa: E402
 from samkit.engine.rle import parse_rle  # noqa: E402
 from samkit.engine.server import create_app  # noqa: E402
 from samkit.errors import SamkitError  # noqa: E402
+from samkit.registry import SamConfig, TinyViTConfig
 
 # pycocotools (numpy 2) warns on every decode; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

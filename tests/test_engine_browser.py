@@ -34,8 +34,8 @@ if not CHROMIUM.is_file():
 
 import uvicorn  # noqa: E402
 
-from samkit.engine.cli import open_project  # noqa: E402
 from samkit.engine.model_service import ModelService  # noqa: E402
+from samkit.engine.project import open_project  # noqa: E402
 from samkit.engine.server import create_app  # noqa: E402
 from test_engine import one_thread, small_loader  # noqa: E402, F401
 
@@ -131,13 +131,22 @@ def test_click_accept_next_export_in_chromium(server, tmp_path: Path) -> None:
             assert page.evaluate(OVERLAY_PIXELS) > 100  # the mask is drawn over the image
             status = page.inner_text("#status")
             assert "Mask" in status and "of 3" in status
+            # The cycle button says which of the 3 masks is shown, and moves with Tab.
+            shown = page.inner_text("#cycle")
+            assert shown.startswith("Mask ") and "of 3" in shown and page.is_enabled("#cycle")
             page.keyboard.press("Tab")
             assert "Mask" in page.inner_text("#status")
+            assert page.inner_text("#cycle") != shown
             page.keyboard.press("Enter")
             page.wait_for_function(
                 "document.getElementById('canvas').dataset.annotations === '1'")
             assert "Accepted mask" in page.inner_text("#status")
             assert "1 accepted" in page.text_content("#mask-count")
+            # The stats table fits the side panel: nothing clipped or scrolled sideways.
+            page.wait_for_function("document.querySelectorAll('#stats tbody tr').length >= 2")
+            assert "1 manual" in page.inner_text("#stats")
+            assert page.evaluate("(() => { const p = document.getElementById('panel');"
+                                 " return p.scrollWidth <= p.clientWidth; })()")
             stored = project.db.annotations(1)
             assert len(stored) == 1 and stored[0]["prompts"]["points"][0][2] == 1
 

@@ -25,9 +25,8 @@ from samkit import cli
 from samkit.automatic import AutomaticMaskGenerator
 from samkit.build import build_sam, save_checkpoint
 from samkit.data.sa1b import SA1BDataset, decode_masks
-from samkit.engine.cli import open_project
 from samkit.engine.db import NewAnnotation
-from samkit.engine.project import Project
+from samkit.engine.project import Project, open_project
 from samkit.engine.stages import run_auto
 from samkit.errors import SamkitError
 from samkit.everything import LoadedGenerator

@@ -23,7 +23,7 @@ from pycocotools import mask as mask_utils
 
 pytest.importorskip("uvicorn", reason="the annotation server needs `pip install samkit[engine]`")
 
-from samkit.engine.cli import open_project  # noqa: E402
+from samkit.engine.project import open_project  # noqa: E402
 
 STARTUP_S = 120.0  # importing torch and building the model on a busy 2-core CI machine
 

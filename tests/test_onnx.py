@@ -21,11 +21,12 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("onnxruntime")
 
 from samkit import SamkitError, SamPredictor, build_sam, cli
-from samkit.build import SamConfig, ViTConfig, build_sam_from_config, get_config, save_checkpoint
+from samkit.build import build_sam_from_config, save_checkpoint
 from samkit.images import preprocess_shape
 from samkit.modeling.sam import Sam
 from samkit.onnx_export import export_onnx
 from samkit.onnx_predictor import OnnxSamPredictor
+from samkit.registry import SamConfig, ViTConfig, get_config
 
 TOL = 1e-3
 SMALL_VIT = SamConfig(ViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,)),

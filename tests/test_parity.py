@@ -15,7 +15,8 @@ import torch
 
 from official import SHARED, official_package, official_sam
 from samkit import SamPredictor
-from samkit.build import MODEL_CONFIGS, SamConfig, ViTConfig, build_sam_from_config, load_into
+from samkit.build import build_sam_from_config, load_into
+from samkit.registry import MODEL_CONFIGS, SamConfig, ViTConfig
 
 TOL = 1e-4
 

@@ -21,8 +21,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from samkit import cli, segment
+from samkit import cli, loading
+from samkit import prompts as prompts_module
 from samkit.build import build_sam, save_checkpoint
+from samkit.commands import segment
 from samkit.errors import SamkitError
 from samkit.overlay import BANNER_RGB, draw_overlay, palette, save_png
 from samkit.weights import cached_path
@@ -356,7 +358,7 @@ def test_fetched_official_weights_are_found_in_the_cache(empty_weights_cache: Pa
     assert path.parent == empty_weights_cache
     path.parent.mkdir(parents=True)
     path.write_bytes(b"stand-in; loading is build_sam's job and tested there")
-    assert segment.resolve_model("vit_t", None) == segment.ModelChoice("vit_t", path)
+    assert loading.resolve_model("vit_t", None) == loading.ModelChoice("vit_t", path)
 
 
 @pytest.mark.parametrize(
@@ -373,8 +375,8 @@ def test_fetched_official_weights_are_found_in_the_cache(empty_weights_cache: Pa
 def test_multimask_only_for_a_lone_point_or_a_lone_box(
     points: list[str], box: list[str], single: bool, expected: bool
 ) -> None:
-    prompts = segment.parse_prompts(points, box)
-    assert segment.wants_multimask(prompts, single=single) is expected
+    prompts = prompts_module.parse_prompts(points, box)
+    assert prompts_module.wants_multimask(prompts, single=single) is expected
 
 
 # --- overlay ------------------------------------------------------------------------------

@@ -98,7 +98,8 @@ def test_tiny_vit_encoder_gradients_match_plain_autograd() -> None:
     """TinyViT's CPU fast paths (oneDNN linears, fused GELU) only run without gradients; in
     training the same forward goes through plain autograd ops: compare against a float64
     copy."""
-    from samkit.build import SamConfig, TinyViTConfig, build_image_encoder
+    from samkit.build import build_image_encoder
+    from samkit.registry import SamConfig, TinyViTConfig
 
     torch.manual_seed(0)
     cfg = SamConfig(TinyViTConfig(embed_dims=(16, 32, 48, 320), depths=(1, 1, 1, 1),

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from samkit.build import SamConfig, TinyViTConfig, ViTConfig, build_sam_from_config
+from samkit.build import build_sam_from_config
 from samkit.errors import SamkitError
+from samkit.registry import SamConfig, TinyViTConfig, ViTConfig
 from samkit.train.config import TrainConfig, load_config
 from samkit.train.optim import lr_factor, no_weight_decay, param_groups
 
@@ -127,7 +128,8 @@ def test_shipped_configs_load(name: str) -> None:
 def test_localising_init_ties_and_scales_the_cross_attention_projections() -> None:
     import torch
 
-    from samkit.build import build_sam_from_config, get_config
+    from samkit.build import build_sam_from_config
+    from samkit.registry import get_config
     from samkit.train.init import cross_attentions, localising_init
 
     torch.manual_seed(0)

@@ -80,7 +80,8 @@ def test_shorter_sessions_for_cheap_steps() -> None:
 
 
 def test_step_follows_the_prompt_iterations_schedule() -> None:
-    from samkit.build import build_sam_from_config, get_config
+    from samkit.build import build_sam_from_config
+    from samkit.registry import get_config
     from samkit.train.step import TrainStep
 
     sam = build_sam_from_config(get_config("vit_t"))

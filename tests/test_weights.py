@@ -262,7 +262,7 @@ CliMain = Callable[[list[str]], int]
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch) -> CliMain:
     """``samkit.cli.main`` with only this module's commands, so other features cannot interfere."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("samkit.weights",))
+    monkeypatch.setattr(cli, "COMMANDS", ("weights",))
     return cli.main
 
 

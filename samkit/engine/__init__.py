@@ -10,7 +10,3 @@ on. Modules: :mod:`~samkit.engine.project` (the folder), :mod:`~samkit.engine.db
 (the web app), :mod:`~samkit.engine.export`, :mod:`~samkit.engine.retrain`,
 :mod:`~samkit.engine.stats`. See docs/engine.md.
 """
-
-from samkit.engine.cli import add_cli
-
-__all__ = ["add_cli"]

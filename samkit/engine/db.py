@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS images (
 );
 CREATE TABLE IF NOT EXISTS model_versions (
     id INTEGER PRIMARY KEY,
-    model TEXT NOT NULL,                  -- registry name (samkit.build.MODEL_CONFIGS)
+    model TEXT NOT NULL,                  -- registry name (samkit.registry.MODEL_CONFIGS)
     checkpoint TEXT,                      -- relative to the project, or absolute; NULL: bundled
     parent_id INTEGER REFERENCES model_versions(id),
     note TEXT NOT NULL DEFAULT '',        -- JSON: how it was made (retrain steps, data, loss)

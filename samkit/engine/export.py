@@ -24,7 +24,7 @@ from typing import Any
 from samkit.engine.db import ImageRow
 from samkit.engine.project import Project, link_or_copy
 from samkit.errors import SamkitError
-from samkit.everything import write_text_atomic
+from samkit.io import write_text_atomic
 
 EXPORT_FORMATS = ("sa1b", "coco")
 ALL_STAGES = (1, 2, 3)

@@ -31,7 +31,7 @@ from samkit.errors import SamkitError
 from samkit.images import load_image
 from samkit.modeling.sam import Sam
 from samkit.predictor import EmbeddedImage, SamPredictor
-from samkit.segment import Prompts
+from samkit.prompts import Prompts
 
 # How long a request waits for the model before it is told the server is busy.
 CLICK_PATIENCE_S = 15.0  # a click or an image switch: worth waiting for an embedding

@@ -24,8 +24,11 @@ from pathlib import Path
 
 from samkit.engine.db import Database, ImageRow, ModelVersion
 from samkit.errors import SamkitError
-from samkit.everything import IMAGE_SUFFIXES, collect_images
+from samkit.everything import collect_images
 from samkit.images import load_image
+from samkit.io import IMAGE_SUFFIXES
+from samkit.loading import resolve_model
+from samkit.registry import DEFAULT_MODEL
 
 DB_NAME = "project.db"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -188,3 +191,32 @@ def link_or_copy(source: Path, target: Path) -> None:
         raise
     except OSError:
         shutil.copy2(source, target)
+
+
+def open_project(root: Path, images: Path | None, model: str | None,
+                 checkpoint: Path | None) -> Project:
+    """Open or create the project, import ``images`` and pick the model version."""
+    # Everything cheap is checked before the project folder is created.
+    if images is not None and not images.is_dir():
+        raise SamkitError(f"--images {images} is not a folder")
+    choice = None
+    if model is not None or checkpoint is not None:
+        choice = resolve_model(model or DEFAULT_MODEL, checkpoint)
+    project = Project.open(root, create=True)
+    if images is not None:
+        added, present, failed = project.import_folder(images)
+        notes = [f"{present} already in the project"] if present else []
+        notes += [f"{failed} not readable, skipped"] if failed else []
+        print(f"imported {added} image(s) from {images}"
+              + (f" ({', '.join(notes)})" if notes else ""))
+    db = project.db
+    if choice is None and db.get_setting("model_version") is not None:
+        return project
+    if choice is None:
+        choice = resolve_model(DEFAULT_MODEL, None)
+    recorded = None if choice.checkpoint is None else project.relative_checkpoint(
+        choice.checkpoint)
+    version = db.find_model_version(choice.name, recorded) or db.add_model_version(
+        choice.name, recorded, parent_id=None, note={"source": "command line"})
+    db.set_settings({"model_version": version.id})
+    return project

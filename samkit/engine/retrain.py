@@ -13,11 +13,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from samkit.build import BUNDLED_WEIGHTS_DIR, get_config
+from samkit.build import BUNDLED_WEIGHTS_DIR
 from samkit.engine.db import ModelVersion
 from samkit.engine.export import export
 from samkit.engine.project import Project
 from samkit.errors import SamkitError
+from samkit.registry import get_config
 
 
 def retrain(project: Project, steps: int, *, config: str | None = None,

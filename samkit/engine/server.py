@@ -34,7 +34,7 @@ from samkit.engine.rle import encode_masks, parse_rle
 from samkit.engine.security import AccessMiddleware
 from samkit.engine.stats import format_table, stats_rows
 from samkit.errors import SamkitError
-from samkit.segment import Prompts, check_prompts_fit, wants_multimask
+from samkit.prompts import Prompts, check_prompts_fit, wants_multimask
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024

@@ -29,6 +29,7 @@ from samkit.engine.project import Project
 from samkit.errors import SamkitError
 from samkit.everything import GeneratorFactory, select_shard, to_coco_rle
 from samkit.images import load_image
+from samkit.loading import warn_if_untrained
 
 # A generated mask this similar to one the image already shows is not proposed again.
 DUPLICATE_IOU = 0.8
@@ -174,9 +175,8 @@ def run_auto(project: Project, version: ModelVersion, shard: tuple[int, int],
     if not todo:
         return AutoSummary(0, len(mine), 0, 0)
     generator = factory()  # only now: a finished shard never loads the model
-    if not generator.trained:
-        print(f"WARNING: model version {version.id} ({version.model}) has RANDOM weights: its "
-              "masks mean nothing", file=sys.stderr)
+    warn_if_untrained(f"model version {version.id} ({version.model})", generator.trained,
+                      fix="until it is trained")
     done = failed = masks = 0
     for image in tqdm(todo, desc=f"auto {shard[0]}/{shard[1]}", unit="img", disable=None):
         try:

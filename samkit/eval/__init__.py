@@ -8,14 +8,3 @@
 Methods are reached through :class:`samkit.eval.predictors.PromptPredictor`, so baselines
 and test doubles run through the same harness as the model. See ``docs/eval.md``.
 """
-
-from __future__ import annotations
-
-import argparse
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``samkit eval`` (the heavy modules load only when it runs)."""
-    from samkit.eval.cli import add_cli as register
-
-    register(subparsers)

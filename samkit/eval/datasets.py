@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 
 from samkit.errors import SamkitError
-from samkit.everything import IMAGE_SUFFIXES
 from samkit.images import load_image
+from samkit.io import image_files
 
 GRABCUT_IGNORE = 128
 VOID_INDEX = 255
@@ -112,17 +112,13 @@ def require_kind(dataset: Dataset, kinds: tuple[str, ...], protocol: str) -> Non
         )
 
 
-def _image_files(folder: Path) -> dict[str, Path]:
-    return {
-        p.stem: p
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-    }
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in image_files(folder)}
 
 
 # ---------------------------------------------------------------------------- mask folders
 def mask_folder_dataset(root: Path) -> Dataset:
-    images = _image_files(root / "images")
+    images = _images_by_stem(root / "images")
     masks = {p.stem: p for p in sorted((root / "masks").glob("*.png"))}
     items = [
         Item(stem, _mask_loader(stem, path, root / "masks" / f"{stem}.png"))
@@ -291,7 +287,7 @@ def _coco_loader(coco: Any, image_id: int, image_dir: Path) -> Callable[[], Samp
 
 # ---------------------------------------------------------------------------- BSDS500
 def bsds_dataset(root: Path) -> Dataset:
-    images = _image_files(root / "images")
+    images = _images_by_stem(root / "images")
     items = [
         Item(stem, _bsds_loader(stem, path, root / "groundTruth" / f"{stem}.mat"))
         for stem, path in sorted(images.items())

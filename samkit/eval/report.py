@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from samkit.overlay import write_bytes_atomic
+from samkit.io import write_bytes_atomic
 
 Row = Callable[[dict[str, Any]], list[str]]
 

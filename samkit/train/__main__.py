@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from samkit.commands.train import add_arguments, run
 from samkit.errors import SamkitError
-from samkit.train import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:

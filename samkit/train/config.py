@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from samkit.build import SamConfig, get_config
 from samkit.errors import SamkitError
+from samkit.registry import SamConfig, get_config
 
 FINETUNE_MODES = ("full", "frozen_encoder")
 LOSS_RESOLUTIONS = ("input", "low")
@@ -34,7 +34,7 @@ class TrainConfig:
     """A training run. Defaults are the paper's (App. A) where it gives one."""
 
     # --- model
-    model: str = "samkit-tiny"  # registry name in samkit.build.MODEL_CONFIGS
+    model: str = "samkit-tiny"  # registry name in samkit.registry.MODEL_CONFIGS
     # SamConfig fields to change, e.g. {image_size: 256, encoder: {depths: [1, 1, 1, 1]}}
     model_overrides: dict[str, Any] = field(default_factory=dict)
     # Weights to start from: an official .pth, a samkit .safetensors or training checkpoint,

@@ -37,9 +37,9 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from samkit.errors import SamkitError
 from samkit.images import load_image, preprocess_shape
+from samkit.io import is_image_file
 from samkit.train.features import FeatureCache
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Retries of the random jitter when it leaves no usable mask (e.g. scale 0.1 on small objects).
 JITTER_ATTEMPTS = 3
 
@@ -64,7 +64,7 @@ class FolderSource:
         self.pairs = [
             (p, masks / f"{p.stem}.png")
             for p in sorted(images.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES and (masks / f"{p.stem}.png").is_file()
+            if is_image_file(p) and (masks / f"{p.stem}.png").is_file()
         ]
         if not self.pairs:
             raise SamkitError(f"no image with a matching masks/<stem>.png in {root}")

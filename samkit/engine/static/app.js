@@ -176,6 +176,11 @@ function render() {
   const p = state.prediction;
   if (p && p.layers[p.choice]) drawLayer(p.layers[p.choice]);
   drawPrompt();
+  // The cycle button names the mask shown and how many there are ("Mask 2 of 3 ▸").
+  const cycle = $("cycle");
+  cycle.disabled = !p || p.masks.length < 2;
+  cycle.textContent = p && p.masks.length > 1
+    ? `Mask ${p.choice + 1} of ${p.masks.length} ▸` : "Other masks";
   canvas.dataset.prediction = p ? String(p.masks.length) : "0";
   canvas.dataset.annotations = String(state.annotations.length);
 }
@@ -622,10 +627,50 @@ async function upload(files) {
   if (state.index < 0 && state.images.length) openImage(0);
 }
 
+// The data-engine numbers (paper §4) as a table that fits the side panel: short headings,
+// the full names in their tooltips.
+const STATS_COLUMNS = [
+  ["stage", "stage", "Stage (1 manual, 2 semi-auto, 3 auto)"],
+  ["model_version", "model", "Model version"],
+  ["images", "img", "Images with accepted masks"],
+  ["masks", "masks", "Accepted masks"],
+  ["masks_per_image", "/img", "Masks per image"],
+  ["seconds_per_mask", "s/mask", "Seconds per mask (annotation time; compute for stage 3)"],
+  ["masks_per_hour", "/hour", "Masks per hour"],
+];
+const STAGE_NAMES = { 1: "1 manual", 2: "2 semi", 3: "3 auto" };
+
+function statsCell(key, value) {
+  if (value === null || value === undefined) return "-";
+  if (key === "stage") return STAGE_NAMES[value] || String(value);
+  if (key === "model_version") return typeof value === "number" ? `v${value}` : String(value);
+  if (key === "masks_per_image") return value.toFixed(1);
+  if (key === "seconds_per_mask") return value.toFixed(1);
+  if (key === "masks_per_hour") return value.toFixed(0);
+  return String(value);
+}
+
+function showStats(rows) {
+  const table = $("stats");
+  table.replaceChildren();
+  const head = table.createTHead().insertRow();
+  for (const [, label, title] of STATS_COLUMNS) {
+    const th = document.createElement("th");
+    th.textContent = label;
+    th.title = title;
+    head.append(th);
+  }
+  const body = table.createTBody();
+  for (const r of rows) {
+    const tr = body.insertRow();
+    for (const [key] of STATS_COLUMNS) tr.insertCell().textContent = statsCell(key, r[key]);
+  }
+}
+
 async function refreshSummary() {
   try {
     await loadImages();
-    $("stats").textContent = (await api("GET", "/api/stats")).table;
+    showStats((await api("GET", "/api/stats")).rows);
   } catch (err) {
     report(err, "Refreshing");
   }

@@ -7,18 +7,16 @@ import errno
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
-from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS
-from samkit.engine.project import Project
 from samkit.errors import SamkitError
+from samkit.registry import DEFAULT_MODEL, MODEL_CONFIGS
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``samkit annotate`` and ``samkit engine``."""
-    from samkit.everything import add_generator_arguments
-    from samkit.segment import BF16_HELP
+    from samkit.commands.everything import add_generator_arguments
+    from samkit.loading import BF16_HELP
 
     annotate = subparsers.add_parser(
         "annotate", help="the data engine's annotation web app (paper §4)",
@@ -108,38 +106,9 @@ def _add_project_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------ commands
-def open_project(root: Path, images: Path | None, model: str | None,
-                 checkpoint: Path | None) -> Project:
-    """Open or create the project, import ``images`` and pick the model version."""
-    from samkit.segment import resolve_model
-
-    # Everything cheap is checked before the project folder is created.
-    if images is not None and not images.is_dir():
-        raise SamkitError(f"--images {images} is not a folder")
-    choice = None
-    if model is not None or checkpoint is not None:
-        choice = resolve_model(model or DEFAULT_MODEL, checkpoint)
-    project = Project.open(root, create=True)
-    if images is not None:
-        added, present, failed = project.import_folder(images)
-        notes = [f"{present} already in the project"] if present else []
-        notes += [f"{failed} not readable, skipped"] if failed else []
-        print(f"imported {added} image(s) from {images}"
-              + (f" ({', '.join(notes)})" if notes else ""))
-    db = project.db
-    if choice is None and db.get_setting("model_version") is not None:
-        return project
-    if choice is None:
-        choice = resolve_model(DEFAULT_MODEL, None)
-    recorded = None if choice.checkpoint is None else project.relative_checkpoint(
-        choice.checkpoint)
-    version = db.find_model_version(choice.name, recorded) or db.add_model_version(
-        choice.name, recorded, parent_id=None, note={"source": "command line"})
-    db.set_settings({"model_version": version.id})
-    return project
-
-
 def run_init(args: argparse.Namespace) -> int:
+    from samkit.engine.project import open_project
+
     project = open_project(args.project, args.images, args.model, args.checkpoint)
     version = project.db.current_model_version()
     print(f"project {project.root}: {len(project.db.images())} images, model version "
@@ -152,9 +121,10 @@ def run_annotate(args: argparse.Namespace) -> int:
     import uvicorn
 
     from samkit.engine.model_service import ModelService
+    from samkit.engine.project import open_project
     from samkit.engine.security import resolve_token
     from samkit.engine.server import create_app
-    from samkit.segment import resolve_device
+    from samkit.loading import resolve_device, warn_if_untrained
 
     if not 0 <= args.port <= 65535:
         raise SamkitError(f"--port must be 0-65535, got {args.port}")
@@ -169,9 +139,8 @@ def run_annotate(args: argparse.Namespace) -> int:
     project = open_project(args.project, args.images, args.model, args.checkpoint)
     service = ModelService(project, device,
                            encoder_dtype=torch.bfloat16 if args.bf16 else None)
-    if not service.trained:
-        print(f"WARNING: model version {service.version.id} ({service.version.model}) has "
-              "RANDOM weights: its masks mean nothing until it is trained", file=sys.stderr)
+    warn_if_untrained(f"model version {service.version.id} ({service.version.model})",
+                      service.trained, fix="until it is trained")
     app = create_app(project, service, token=token,
                      max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
     shown_host = "<this machine's address>" if args.host in ("0.0.0.0", "::") else args.host
@@ -211,6 +180,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 def run_auto(args: argparse.Namespace) -> int:
+    from samkit.engine.project import Project
     from samkit.engine.stages import run_auto as auto
     from samkit.everything import GeneratorSpec, resolve_shard
 
@@ -234,6 +204,7 @@ def run_auto(args: argparse.Namespace) -> int:
 
 def run_retrain(args: argparse.Namespace) -> int:
     from samkit.engine.export import parse_stages
+    from samkit.engine.project import Project
     from samkit.engine.retrain import retrain
 
     project = Project.open(args.project)
@@ -247,6 +218,7 @@ def run_retrain(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
+    from samkit.engine.project import Project
     from samkit.engine.stats import format_table, stats_rows
 
     rows = stats_rows(Project.open(args.project))
@@ -256,6 +228,7 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from samkit.engine.export import export, parse_stages
+    from samkit.engine.project import Project
 
     project = Project.open(args.project)
     images, masks = export(project, args.format, args.out, parse_stages(args.stages))

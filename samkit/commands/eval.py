@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from samkit.build import DEFAULT_MODEL, MODEL_CONFIGS, weights_source
 from samkit.errors import SamkitError
+from samkit.registry import DEFAULT_MODEL, MODEL_CONFIGS
 
 EXIT_NOTHING_EVALUATED = 1
 PAPER = {
@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     """Validate, load, evaluate, write; see the module docstring for the exit status."""
     from samkit.eval.common import ErrorLog
     from samkit.eval.report import markdown, write_report
-    from samkit.segment import prepare_out_dir, resolve_device, resolve_model
+    from samkit.io import prepare_out_dir
+    from samkit.loading import resolve_device, resolve_model
 
     start = time.perf_counter()
     _check_args(args)
@@ -202,16 +203,12 @@ def _load_model(choice: Any, device: str, seed: int) -> tuple[Any, dict[str, Any
     """Build the model (seeded, so random weights are reproducible) and describe it."""
     import torch
 
-    from samkit.segment import build_model
+    from samkit.build import weights_source
+    from samkit.loading import build_model, warn_if_untrained
 
     torch.manual_seed(seed)
     model, trained = build_model(choice, device)
-    if not trained:
-        print(
-            f"WARNING: model {choice.name!r} has no trained weights in this install: results "
-            "are for RANDOM weights and mean nothing (pass --checkpoint)",
-            file=sys.stderr,
-        )
+    warn_if_untrained(f"model {choice.name!r}", trained, what="results")
     info = {
         "name": choice.name,
         "checkpoint": None if choice.checkpoint is None else str(choice.checkpoint.resolve()),

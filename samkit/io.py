@@ -1,0 +1,72 @@
+"""Files in and out: which files are images, atomic writes, output folders.
+
+One home for each, used by every command and app: a reader never sees a half-written file,
+and an OS failure is a one-line :class:`~samkit.errors.SamkitError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from samkit.errors import SamkitError
+
+# Suffixes of the image files samkit looks for in folders (what OpenCV and Pillow decode).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+
+
+def is_image_file(path: Path) -> bool:
+    """A visible file with an image suffix (``.DS_Store`` and macOS ``._x.jpg`` are not)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") \
+        and path.is_file()
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    A reader (or a resumed run) sees either no file or the complete file, and a failed write
+    leaves no debris. ``fsync`` makes the content durable before the rename: without it some
+    file systems can show the renamed file empty after a power cut.
+    """
+    path = Path(path)
+    # Not tempfile.mkstemp: its files are mode 0600, and os.replace would keep that; "x" mode
+    # honours the umask like any ordinary write while still refusing to clobber a stranger.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with tmp.open("xb") as handle:
+            handle.write(data)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # e.g. the folder never existed: nothing to clean
+            tmp.unlink()
+        if isinstance(err, OSError):
+            raise SamkitError(f"cannot write {path}: {err.strerror or err}") from None
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str, *, fsync: bool = True) -> Path:
+    """:func:`write_bytes_atomic` of UTF-8 ``text``, fsynced by default."""
+    return write_bytes_atomic(path, text.encode("utf-8"), fsync=fsync)
+
+
+def prepare_out_dir(path: Path) -> Path:
+    """Create the output folder and prove it is writable, before any slow work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise SamkitError(f"cannot write to output folder {path}: {err.strerror or err}") from None
+    return path

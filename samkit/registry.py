@@ -1,0 +1,91 @@
+"""The model registry: each model's config as a small frozen dataclass, by name.
+
+Pure data (no torch): commands list the names in their help without importing a model.
+:mod:`samkit.build` turns a config into a :class:`~samkit.modeling.sam.Sam`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from samkit.errors import SamkitError
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """ViTDet-style plain ViT encoder (SAM ViT-B/L/H)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    patch_size: int = 16
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    """TinyViT encoder (MobileSAM); the defaults are TinyViT-5M as in ``mobile_sam.pt``."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+
+
+@dataclass(frozen=True)
+class HedConfig:
+    """HED's VGG16 blocks 1-4 (frozen, pretrained) + a small trainable neck: samkit-tiny's
+    encoder (``samkit.modeling.hed_encoder``). It takes RGB minus HED's pixel mean."""
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Everything needed to build a SAM; the prompt encoder / decoder are the paper's."""
+
+    encoder: ViTConfig | TinyViTConfig | HedConfig
+    image_size: int = 1024
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_num_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    num_multimask_outputs: int = 3
+    bundled_weights: str | None = None  # file in samkit/weights/ shipped with the package
+    description: str = field(default="", compare=False)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // 16
+
+
+MODEL_CONFIGS: dict[str, SamConfig] = {
+    "vit_h": SamConfig(
+        ViTConfig(1280, 32, 16, (7, 15, 23, 31)), description="SAM ViT-H (636M), official"
+    ),
+    "vit_l": SamConfig(
+        ViTConfig(1024, 24, 16, (5, 11, 17, 23)), description="SAM ViT-L (308M), official"
+    ),
+    "vit_b": SamConfig(
+        ViTConfig(768, 12, 12, (2, 5, 8, 11)), description="SAM ViT-B (91M), official"
+    ),
+    "vit_t": SamConfig(TinyViTConfig(), description="MobileSAM TinyViT-5M (10M)"),
+    "samkit-tiny": SamConfig(
+        HedConfig(),
+        image_size=512,
+        bundled_weights="samkit_tiny.safetensors",
+        description="samkit's default (12M): HED VGG16 stem + SAM decoder at 512 px, "
+                    "trained with samkit train",
+    ),
+}
+DEFAULT_MODEL = "samkit-tiny"
+
+
+def get_config(name: str) -> SamConfig:
+    try:
+        return MODEL_CONFIGS[name]
+    except KeyError:
+        valid = ", ".join(MODEL_CONFIGS)
+        raise SamkitError(f"unknown model {name!r}; choose one of: {valid}") from None
