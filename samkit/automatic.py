@@ -21,26 +21,22 @@ import torch
 from samkit.errors import SamkitError
 from samkit.images import to_rgb_uint8
 from samkit.masks import (
-    Rle,
-    area_from_rle,
     batched_mask_to_box,
     batched_nms,
     box_area,
     box_xyxy_to_xywh,
     build_all_layer_point_grids,
     calculate_stability_score,
-    coco_encode_rle,
     generate_crop_boxes,
     is_box_near_crop_edge,
-    masks_to_rle,
     remove_small_regions,
-    rle_to_mask,
     uncrop_boxes_xyxy,
     uncrop_masks,
     uncrop_points,
 )
 from samkit.modeling.sam import Sam
-from samkit.predictor import SamPredictor
+from samkit.predictor import EmbeddedImage, SamPredictor
+from samkit.rle import Rle, area_from_rle, coco_encode_rle, masks_to_rle, rle_to_mask
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 
@@ -171,24 +167,34 @@ class AutomaticMaskGenerator:
         self.output_mode = output_mode
 
     @torch.inference_mode()
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+    def generate(self, image: np.ndarray,
+                 embedding: EmbeddedImage | None = None) -> list[dict[str, Any]]:
         """Masks for an ``H x W x 3`` RGB uint8 image, as official records: ``segmentation``
         (per ``output_mode``), ``area``, ``bbox`` (XYWH), ``predicted_iou``, ``point_coords``
-        (``[[x, y]]``), ``stability_score`` and ``crop_box`` (XYWH)."""
+        (``[[x, y]]``), ``stability_score`` and ``crop_box`` (XYWH).
+
+        ``embedding``: the whole image's embedding computed earlier
+        (:meth:`SamPredictor.get_embedding`, e.g. from a cache), used for the uncropped layer
+        instead of encoding the image again."""
         image = to_rgb_uint8(image)
-        proposals = self._generate_proposals(image)
+        if embedding is not None and tuple(embedding.original_size) != image.shape[:2]:
+            raise SamkitError(f"the embedding is of a {embedding.original_size} image, not "
+                              f"{image.shape[:2]}")
+        proposals = self._generate_proposals(image, embedding)
         if self.min_mask_region_area > 0:
             proposals = self._clean_small_regions(proposals)
         return self._records(proposals)
 
     # ------------------------------------------------------------------ pipeline
-    def _generate_proposals(self, image: np.ndarray) -> _Proposals:
+    def _generate_proposals(self, image: np.ndarray,
+                            embedding: EmbeddedImage | None) -> _Proposals:
         orig_size = (image.shape[0], image.shape[1])
         crop_boxes, layers = generate_crop_boxes(
             orig_size, self.crop_n_layers, self.crop_overlap_ratio
         )
         proposals = _Proposals.concat(
-            [self._process_crop(image, box, layer) for box, layer in zip(crop_boxes, layers)]
+            [self._process_crop(image, box, layer, embedding if layer == 0 else None)
+             for box, layer in zip(crop_boxes, layers)]
         )
         if len(crop_boxes) > 1:
             # Across crops, prefer masks from smaller crops: they saw the object in more detail.
@@ -196,9 +202,13 @@ class AutomaticMaskGenerator:
             proposals = proposals.select(_nms(proposals.boxes, scores, self.crop_nms_thresh))
         return proposals
 
-    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int) -> _Proposals:
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int,
+                      embedding: EmbeddedImage | None) -> _Proposals:
         x0, y0, x1, y1 = crop_box
-        self.predictor.set_image(image[y0:y1, x0:x1])
+        if embedding is None:
+            self.predictor.set_image(image[y0:y1, x0:x1])
+        else:  # layer 0 is the whole image
+            self.predictor.set_embedding(embedding)
         points = self.point_grids[layer] * np.array([x1 - x0, y1 - y0])
         orig_size = (image.shape[0], image.shape[1])
         batches = [

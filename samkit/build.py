@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from samkit.errors import SamkitError
+from samkit.io import atomic_output
 from samkit.modeling.hed import HED_PIXEL_MEAN, HED_PIXEL_STD
 from samkit.modeling.image_encoder import ImageEncoderViT
 from samkit.modeling.mask_decoder import MaskDecoder
@@ -274,10 +275,9 @@ def save_checkpoint(
         for k, v in model.state_dict().items()
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     header = {"format": "samkit", "image_size": str(model.image_size), **(metadata or {})}
-    save_file(tensors, str(tmp), metadata=header)
-    tmp.replace(path)
+    with atomic_output(path, fsync=True) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
     return path
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from samkit.errors import SamkitError
 from samkit.io import IMAGE_SUFFIXES, write_text_atomic
 from samkit.loading import warn_if_untrained
+from samkit.rle import to_coco_rle
 
 # torch, the model, tqdm and pycocotools are imported where needed: `samkit --help` imports
 # this module and should stay fast.
@@ -314,25 +315,6 @@ def stable_image_id(file_name: str) -> int:
     """The first 53 bits of SHA-1: unique in practice, and exact in any JSON reader
     (JavaScript numbers hold integers up to 2**53)."""
     return int.from_bytes(hashlib.sha1(file_name.encode("utf-8")).digest()[:8], "big") >> 11
-
-
-def to_coco_rle(segmentation: Any) -> dict[str, Any]:
-    """Any of the generator's output modes (``binary_mask``, ``uncompressed_rle``,
-    ``coco_rle``) -> compressed COCO RLE with ``counts`` as str, as SA-1B stores it."""
-    from pycocotools import mask as mask_utils
-
-    if isinstance(segmentation, np.ndarray):
-        rle = mask_utils.encode(np.asfortranarray(segmentation.astype(np.uint8)))
-    elif isinstance(segmentation["counts"], list):
-        height, width = segmentation["size"]
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    else:
-        rle = segmentation
-    counts = rle["counts"]
-    return {
-        "size": [int(v) for v in rle["size"]],
-        "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
-    }
 
 
 def _json_default(value: Any) -> Any:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import secrets
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from samkit.errors import SamkitError
@@ -29,23 +30,29 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
-def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+@contextlib.contextmanager
+def atomic_output(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write the file to (by any writer: ``torch.save``,
+    safetensors, plain bytes); on success it replaces ``path`` in one ``os.replace``.
 
-    A reader (or a resumed run) sees either no file or the complete file, and a failed write
-    leaves no debris. ``fsync`` makes the content durable before the rename: without it some
-    file systems can show the renamed file empty after a power cut.
+    A reader (or a resumed run) sees either the previous file or the complete new one, never
+    a partial one, and a failed write leaves no debris. ``fsync`` makes the content durable
+    before the rename: without it some file systems can show the renamed file empty after a
+    power cut. An OS failure (missing folder, no permission, disk full) is a one-line
+    :class:`SamkitError`.
     """
     path = Path(path)
-    # Not tempfile.mkstemp: its files are mode 0600, and os.replace would keep that; "x" mode
-    # honours the umask like any ordinary write while still refusing to clobber a stranger.
+    # A hidden name of this process: never a stranger's file, and `samkit everything` knows
+    # such leftovers of a killed run by their shape (.NAME.PID.HEX.tmp).
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with tmp.open("xb") as handle:
-            handle.write(data)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
+        yield tmp
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):  # e.g. the folder never existed: nothing to clean
@@ -53,7 +60,16 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) ->
         if isinstance(err, OSError):
             raise SamkitError(f"cannot write {path}: {err.strerror or err}") from None
         raise
-    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through :func:`atomic_output`."""
+    with atomic_output(path, fsync=fsync) as tmp:
+        # "x" mode (not tempfile.mkstemp, whose files are mode 0600) honours the umask like
+        # any ordinary write.
+        with tmp.open("xb") as handle:
+            handle.write(data)
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str, *, fsync: bool = True) -> Path:

@@ -1,10 +1,9 @@
 """Mask utilities for segment-everything (paper App. B): point grids, crops, box maths,
-stability score, NMS, run-length encoding and small-region clean-up.
+stability score, NMS and small-region clean-up (run-length encoding: :mod:`samkit.rle`).
 
 Tensors stay on whatever device they arrive on; masks are ``... x H x W`` and boxes are XYXY
 pixel coordinates (``x1``/``y1`` inclusive for boxes computed from masks, as in the official
-code). Uncompressed RLEs follow the COCO convention: ``{"size": [H, W], "counts": [...]}``
-with runs over the column-major (Fortran-order) flattening, starting with a run of zeros.
+code).
 """
 
 from __future__ import annotations
@@ -226,70 +225,6 @@ def _torchvision_batched_nms() -> NmsFn | None:
         return tv_batched_nms if probe.tolist() == [0, 2] else None
     except (ImportError, AttributeError, RuntimeError, OSError):  # absent or broken
         return None
-
-
-# ---------------------------------------------------------------------------- RLE
-def masks_to_rle(masks: torch.Tensor) -> list[Rle]:
-    """``B x H x W`` bool masks -> uncompressed COCO RLEs, for the whole batch at once.
-
-    Each mask is flattened column-major behind one virtual 0 pixel; the run starts are the
-    positions where a pixel differs from its predecessor, and the counts are the gaps
-    between consecutive starts (a mask starting with 1 thus begins with a 0-length run).
-    """
-    b, h, w = masks.shape
-    n = h * w
-    flat = masks.new_zeros(b, n + 1)
-    flat[:, 1:].view(b, w, h).copy_(masks.transpose(1, 2))
-    mask_idx, starts = (flat[:, 1:] != flat[:, :-1]).nonzero(as_tuple=True)
-    # Gap to the previous start of the same mask (or to 0 for its first start).
-    first = torch.ones_like(mask_idx, dtype=torch.bool)
-    first[1:] = mask_idx[1:] != mask_idx[:-1]
-    gaps = starts - torch.where(first, 0, starts.roll(1))
-    last = torch.zeros(b, dtype=starts.dtype, device=starts.device)
-    last.scatter_reduce_(0, mask_idx, starts, reduce="amax")
-    tails = (n - last).tolist()  # the final run, up to the end of the mask
-    # One transfer to Python ints, then plain list slicing per mask.
-    ends = torch.bincount(mask_idx, minlength=b).cumsum(0).tolist()
-    all_gaps = gaps.tolist()
-    return [
-        {"size": [h, w], "counts": all_gaps[start:end] + [tail]}
-        for start, end, tail in zip([0, *ends[:-1]], ends, tails)
-    ]
-
-
-def rle_to_mask(rle: Rle) -> np.ndarray:
-    """Uncompressed RLE -> ``H x W`` bool array."""
-    h, w = rle["size"]
-    counts = rle["counts"]
-    values = np.arange(len(counts)) % 2 == 1  # runs alternate 0, 1, 0, ...
-    mask = np.repeat(values, counts).reshape(w, h)  # column-major runs
-    return np.ascontiguousarray(mask.T)
-
-
-def area_from_rle(rle: Rle) -> int:
-    """Foreground pixel count of an uncompressed RLE (the odd runs)."""
-    return int(sum(rle["counts"][1::2]))
-
-
-def coco_encode_rle(uncompressed_rle: Rle) -> Rle:
-    """Uncompressed RLE -> compressed COCO RLE with ``counts`` as ``str`` (JSON-ready)."""
-    from pycocotools import mask as mask_utils
-
-    h, w = uncompressed_rle["size"]
-    rle = mask_utils.frPyObjects(uncompressed_rle, h, w)
-    rle["counts"] = rle["counts"].decode("utf-8")
-    return rle
-
-
-def masks_to_coco_rle(masks: np.ndarray) -> list[Rle]:
-    """``B x H x W`` bool masks -> compressed COCO RLEs (``counts`` as ``str``)."""
-    from pycocotools import mask as mask_utils
-
-    fortran = np.asfortranarray(np.moveaxis(masks, 0, -1).astype(np.uint8))
-    rles = mask_utils.encode(fortran)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("utf-8")
-    return rles
 
 
 # ---------------------------------------------------------------------------- clean-up

@@ -44,29 +44,15 @@ import samkit
 from samkit.build import is_trained
 from samkit.errors import SamkitError
 from samkit.modeling.prompt_encoder import LABEL_PAD
-from samkit.modeling.sam import Sam, _resize_matrix
+from samkit.modeling.sam import Sam, resize_matrix
 from samkit.modeling.shared_image import ImageCache
+from samkit.onnx_format import (
+    DECODER_FILE, DECODER_IMAGE_FILE, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_PROMPTS_FILE,
+    ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS, INFO_FILE, INT8_SUFFIX, META_GRAPH,
+    META_IMAGE_SIZE, META_MODEL, PROMPTS_INPUTS)
 
-OPSET = 18  # the dynamo exporter's native opset: no version conversion step to go wrong
-ENCODER_FILE = "encoder.onnx"
-DECODER_FILE = "decoder.onnx"
-DECODER_IMAGE_FILE = "decoder_image.onnx"
-DECODER_PROMPTS_FILE = "decoder_prompts.onnx"
-INT8_SUFFIX = ".int8.onnx"
-INFO_FILE = "samkit_onnx.json"
 QUANTIZE_CHOICES = ("int8",)
-# Stored in each graph's metadata, so a predictor needs nothing but the two .onnx files.
-META_IMAGE_SIZE = "samkit.image_size"
-META_MODEL = "samkit.model"
-META_GRAPH = "samkit.graph"
-ENCODER_INPUTS = ["image"]
-ENCODER_OUTPUTS = ["image_embeddings"]
-DECODER_INPUTS = [
-    "image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
-    "orig_im_size",
-]
-DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
-PROMPTS_INPUTS = ["point_coords", "point_labels", "mask_index", "orig_im_size"]
+OPSET = 18  # the dynamo exporter's native opset: no version conversion step to go wrong
 # Dynamic int8: MatMul / Gemm weights (the bulk of both graphs) as signed int8; see docs/onnx.md.
 INT8_OPS = ["MatMul", "Gemm"]
 INT8_WEIGHT_TYPE = "QInt8"
@@ -104,7 +90,7 @@ class DecoderGraph(nn.Module):
             self.register_buffer("dense_pe", sam.prompt_encoder.get_dense_pe(), persistent=False)
         low_res = sam.prompt_encoder.mask_input_size[0]
         # Upscaling low-res logits to the padded square: fixed for the model, so a constant.
-        self.register_buffer("upscale", _resize_matrix(self.image_size, low_res), persistent=False)
+        self.register_buffer("upscale", resize_matrix(self.image_size, low_res), persistent=False)
 
     def forward(
         self,
@@ -154,7 +140,7 @@ class DecoderGraph(nn.Module):
 
     def upscale_rows(self, out_size: torch.Tensor, in_size: torch.Tensor) -> torch.Tensor:
         """``out x 4g`` operator: upscale to the square, keep the first ``in_size`` rows (the
-        unpadded image), resize those to ``out_size``. Bilinear weights as in ``_resize_matrix``
+        unpadded image), resize those to ``out_size``. Bilinear weights as in ``resize_matrix``
         (float32 positions, clamped source index); each output row mixes two upscale rows."""
         scale = (in_size.to(torch.float64) / out_size.to(torch.float64)).to(torch.float32)
         src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)

@@ -23,7 +23,7 @@ from samkit.modeling.prompt_encoder import (
     LABEL_FOREGROUND,
     LABEL_PAD,
 )
-from samkit.onnx_export import (
+from samkit.onnx_format import (
     DECODER_FILE,
     DECODER_IMAGE_FILE,
     DECODER_INPUTS,

@@ -80,7 +80,7 @@ class SamPredictor:
                         (t.shape[1], t.shape[2]),
                     )
                 )
-        self._set_embedded(embedded)
+        self.set_embedding(embedded)
 
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]) -> None:
         """Official API: embed a ``1 x 3 x h x w`` image already resized (long side =
@@ -96,7 +96,7 @@ class SamPredictor:
             )
         features = self._encode([transformed_image[0].float()])
         input_size = (transformed_image.shape[2], transformed_image.shape[3])
-        self._set_embedded([EmbeddedImage(features, tuple(original_image_size), input_size)])
+        self.set_embedding([EmbeddedImage(features, tuple(original_image_size), input_size)])
 
     @torch.inference_mode()
     def _encode(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -106,12 +106,24 @@ class SamPredictor:
         with torch.autocast(self.device.type, dtype=self.encoder_dtype):
             return self.model.image_encoder(batch).float()
 
-    def _set_embedded(self, embedded: list[EmbeddedImage]) -> None:
+    def set_embedding(self, embedded: EmbeddedImage | Sequence[EmbeddedImage]) -> None:
+        """Use embeddings computed earlier (by :meth:`get_embedding`, perhaps in another
+        process or from a cache) instead of encoding images; the first becomes current."""
+        embedded = [embedded] if isinstance(embedded, EmbeddedImage) else list(embedded)
+        if not embedded:
+            raise SamkitError("set_embedding needs at least one embedding")
         self.reset_image()
         self.images = embedded
         with torch.inference_mode():
             self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         self.select_image(0)
+
+    def get_embedding(self) -> EmbeddedImage:
+        """The current image's embedding (features, original and input size), for
+        :meth:`set_embedding` later."""
+        if self._current is None:
+            raise SamkitError("no image is set: call set_image first")
+        return self._current
 
     def select_image(self, index: int) -> None:
         """Make image ``index`` of the last :meth:`set_image_batch` the current one."""

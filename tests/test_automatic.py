@@ -36,10 +36,14 @@ from samkit.automatic import AutomaticMaskGenerator, SamAutomaticMaskGenerator
 from samkit.build import build_sam_from_config
 from samkit.errors import SamkitError
 from samkit.modeling.sam import Sam
+from samkit.predictor import SamPredictor
 from samkit.registry import SamConfig, ViTConfig
 
 # pycocotools' decode trips a NumPy 2 deprecation warning on every call.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
 
 IMAGE_SIZE = 256  # encoder input side: small, for speed
 PHOTO = SHARED / "data" / "grabcut" / "images" / "106024.jpg"
@@ -102,16 +106,6 @@ class BlobDecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """These tensors are small: on a shared 2-core machine a second intra-op thread mostly
-    spins, so run single-threaded (and restore the setting afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def official_amg():
     return official_package().SamAutomaticMaskGenerator
@@ -381,3 +375,21 @@ def test_explicit_point_grids(blob_models):
     records = AutomaticMaskGenerator(blob_models[1], points_per_side=None, point_grids=[grid],
                                      **OFF).generate(synthetic())
     assert {tuple(r["point_coords"][0]) for r in records} <= {(50.0, 37.5), (150.0, 75.0)}
+
+
+def test_a_given_embedding_replaces_encoding_the_whole_image(random_models):
+    """generate(image, embedding=...) (the annotation app's cache) gives the same masks as
+    encoding the image, with crop layers too (only layer 0 is the whole image)."""
+    model = random_models[1]
+    image = synthetic()
+    predictor = SamPredictor(model)
+    predictor.set_image(image)
+    for layers in (0, 1):
+        generator = AutomaticMaskGenerator(model, points_per_side=4, pred_iou_thresh=0,
+                                           stability_score_thresh=0, crop_n_layers=layers)
+        encoded = generator.generate(image)
+        given = generator.generate(image, embedding=predictor.get_embedding())
+        assert len(given) == len(encoded) > 0
+        assert_same_records(given, encoded, exact=True)
+    with pytest.raises(SamkitError, match="embedding is of a"):
+        generator.generate(image[:50], embedding=predictor.get_embedding())

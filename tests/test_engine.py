@@ -29,28 +29,21 @@ from fastapi.testclient import TestClient  # noqa: E402
 from samkit.build import build_sam, save_checkpoint  # noqa: E402
 from samkit.engine.model_service import ModelService  # noqa: E402
 from samkit.engine.project import Project, open_project  # noqa: E402
-from samkit.engine.rle import parse_rle  # noqa: E402
 from samkit.engine.server import create_app  # noqa: E402
 from samkit.errors import SamkitError  # noqa: E402
 from samkit.registry import SamConfig, TinyViTConfig
+from samkit.rle import parse_rle  # noqa: E402
 
 # pycocotools (numpy 2) warns on every decode; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
 SMALL = SamConfig(TinyViTConfig(depths=(1, 1, 1, 1)), image_size=256)
 HEIGHT, WIDTH = 64, 96
 
 
 # ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread for these tiny models: on a shared 2-core machine a second OpenMP
-    thread waits on descheduled peers and makes every forward pass several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_images(folder: Path, count: int = 3) -> Path:
     """Noise with a bright rectangle: small, and different from each other."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,9 @@ import uvicorn  # noqa: E402
 from samkit.engine.model_service import ModelService  # noqa: E402
 from samkit.engine.project import open_project  # noqa: E402
 from samkit.engine.server import create_app  # noqa: E402
-from test_engine import one_thread, small_loader  # noqa: E402, F401
+from test_engine import small_loader  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # Headless, and nothing that reaches for the network (the machine has none).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

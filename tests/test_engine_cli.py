@@ -31,10 +31,13 @@ from samkit.engine.stages import run_auto
 from samkit.errors import SamkitError
 from samkit.everything import LoadedGenerator
 from samkit.train.data import open_source
-from test_engine import SMALL, make_images, one_thread, rect_rle, small_loader  # noqa: F401
+from test_engine import SMALL, make_images, rect_rle, small_loader
 
 # pycocotools (numpy 2) warns on every decode; not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
 HEIGHT, WIDTH = 64, 96
 
 

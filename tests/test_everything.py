@@ -34,8 +34,8 @@ from samkit.everything import (
     resolve_shard,
     run_everything,
     select_shard,
-    to_coco_rle,
 )
+from samkit.rle import to_coco_rle
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_TINY = REPO / "samkit" / "weights" / "samkit_tiny.safetensors"

@@ -1,6 +1,6 @@
-"""Tests for :mod:`samkit.masks`: each utility against the official ``segment_anything.utils.amg``
-(or pycocotools / a plain greedy NMS), including the corner cases (empty and full masks,
-ties, degenerate boxes)."""
+"""Tests for :mod:`samkit.masks` and :mod:`samkit.rle`: each utility against the official
+``segment_anything.utils.amg`` (or pycocotools / a plain greedy NMS), including the corner
+cases (empty and full masks, ties, degenerate boxes)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pycocotools import mask as mask_utils
 
 from official import official_package, reference_nms
 from samkit import masks as M
+from samkit import rle as R
 from samkit.errors import SamkitError
 
 # pycocotools' decode trips a NumPy 2 deprecation warning on every call.
@@ -169,26 +170,26 @@ def test_nms_empty():
 # ---------------------------------------------------------------------------- RLE
 def test_rle_matches_official_and_pycocotools(amg):
     masks = random_masks(9, 37, 53)
-    rles = M.masks_to_rle(masks)
+    rles = R.masks_to_rle(masks)
     assert rles == amg.mask_to_rle_pytorch(masks)
     assert rles[0]["counts"] == [37 * 53] and rles[1]["counts"] == [0, 37 * 53]
     decoded = mask_utils.decode(mask_utils.frPyObjects(rles, 37, 53))  # H x W x B
     assert np.array_equal(decoded.transpose(2, 0, 1).astype(bool), masks.numpy())
     for rle, mask in zip(rles, masks.numpy()):
-        assert np.array_equal(M.rle_to_mask(rle), mask)
-        assert M.area_from_rle(rle) == mask.sum()
+        assert np.array_equal(R.rle_to_mask(rle), mask)
+        assert R.area_from_rle(rle) == mask.sum()
 
 
 def test_rle_empty_batch():
-    assert M.masks_to_rle(torch.zeros(0, 5, 4, dtype=torch.bool)) == []
+    assert R.masks_to_rle(torch.zeros(0, 5, 4, dtype=torch.bool)) == []
 
 
 def test_coco_rle_matches_official(amg):
     masks = random_masks(6, 20, 30, seed=4)
-    rles = M.masks_to_rle(masks)
-    ours = [M.coco_encode_rle(rle) for rle in rles]
+    rles = R.masks_to_rle(masks)
+    ours = [R.coco_encode_rle(rle) for rle in rles]
     assert ours == [amg.coco_encode_rle(rle) for rle in rles]
-    assert ours == M.masks_to_coco_rle(masks.numpy())
+    assert ours == R.masks_to_coco_rle(masks.numpy())
     assert all(isinstance(r["counts"], str) for r in ours)
     assert np.array_equal(mask_utils.decode(ours).transpose(2, 0, 1).astype(bool), masks.numpy())
 

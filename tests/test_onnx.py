@@ -9,7 +9,6 @@ second image size are covered too. Skipped when the ``onnx`` extra is not instal
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +27,11 @@ from samkit.onnx_export import export_onnx
 from samkit.onnx_predictor import OnnxSamPredictor
 from samkit.registry import SamConfig, ViTConfig, get_config
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOL = 1e-3
 SMALL_VIT = SamConfig(ViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,)),
                       image_size=256)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The PyTorch reference runs are small: one thread avoids OpenMP stalls (10x slower runs
-    were seen) when the two cores are shared with onnxruntime or other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -159,3 +159,18 @@ def test_no_prompts_give_empty_results(multimask: bool) -> None:
                                                      multimask_output=multimask)
     assert masks.shape == (0, outputs, 64, 80) and masks.dtype == torch.bool
     assert scores.shape == (0, outputs) and low_res.shape == (0, outputs, 256, 256)
+
+
+def test_an_embedding_moves_to_another_predictor(predictor: SamPredictor,
+                                                  image: np.ndarray) -> None:
+    """get_embedding / set_embedding: a cached embedding answers prompts exactly as the
+    encoder's own, without encoding the image again."""
+    predictor.set_image(image)
+    embedding = predictor.get_embedding()
+    other = SamPredictor(predictor.model)
+    other.set_embedding(embedding)
+    box = np.array([10, 20, 90, 70])
+    for a, b in zip(predictor.predict(box=box), other.predict(box=box), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(SamkitError, match="no image is set"):
+        SamPredictor(predictor.model).get_embedding()

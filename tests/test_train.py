@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,8 @@ from samkit.train.data import AugmentConfig, TrainDataset, collate, open_source
 from samkit.train.loop import read_metrics, train
 from samkit.train.step import TrainStep
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 128
 TINY_DECODER = {"image_size": SIZE, "prompt_embed_dim": 64, "decoder_num_heads": 2,
@@ -37,15 +38,6 @@ TINY_VIT = {"model": "vit_t", "model_overrides": TINY_DECODER | {"encoder": {
 # LayerNorm only (TinyViT's BatchNorm would see per-process batches under DDP).
 TINY_PLAIN_VIT = {"model": "vit_b", "model_overrides": TINY_DECODER | {"encoder": {
     "embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1], "window_size": 4}}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models are all overhead: extra threads only add contention on a shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -148,20 +148,11 @@ def describe_run(
 
 def mask_record(index: int, mask: np.ndarray, score: float) -> dict[str, Any]:
     """Index, score, area, XYWH bbox and COCO RLE (``counts`` as str, so it is valid JSON)."""
-    from pycocotools import mask as mask_utils
+    from samkit.rle import area_and_bbox, to_coco_rle
 
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {
-        "index": index,
-        "file": f"mask_{index}.png",
-        "score": score,
-        "area": int(mask_utils.area(rle)),
-        "bbox": [int(v) for v in mask_utils.toBbox(rle)],
-        "segmentation": {
-            "size": [int(v) for v in rle["size"]],
-            "counts": rle["counts"].decode("ascii"),
-        },
-    }
+    rle = to_coco_rle(mask)
+    return {"index": index, "file": f"mask_{index}.png", "score": score, **area_and_bbox(rle),
+            "segmentation": rle}
 
 
 def write_outputs(

@@ -27,8 +27,8 @@ import torch
 from samkit.build import build_sam, is_trained, weights_source
 from samkit.engine.db import ImageRow, ModelVersion
 from samkit.engine.project import Project
-from samkit.errors import SamkitError
 from samkit.images import load_image
+from samkit.io import atomic_output
 from samkit.modeling.sam import Sam
 from samkit.predictor import EmbeddedImage, SamPredictor
 from samkit.prompts import Prompts
@@ -64,32 +64,6 @@ def load_version_model(project: Project, version: ModelVersion, device: str) -> 
     return build_sam(version.model, project.checkpoint_path(version), device=device)
 
 
-class _EmbeddingPredictor(SamPredictor):
-    """A predictor that can be handed an embedding computed earlier (from the cache)."""
-
-    def use_embedding(self, embedded: EmbeddedImage) -> None:
-        self._set_embedded([embedded])
-
-
-class _ReusingPredictor(_EmbeddingPredictor):
-    """For :class:`~samkit.automatic.AutomaticMaskGenerator`: its ``set_image`` reuses the
-    cached embedding when asked for the very same pixels (with no crop layers the generator
-    passes a full-image view of the array it was given), instead of encoding them again."""
-
-    def __init__(self, model: Sam, pixels: np.ndarray, embedded: EmbeddedImage,
-                 encoder_dtype: torch.dtype | None = None) -> None:
-        super().__init__(model, encoder_dtype=encoder_dtype)
-        self._pixels = pixels
-        self._embedded = embedded
-
-    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
-        if (image_format == "RGB" and image.shape == self._pixels.shape
-                and np.shares_memory(image, self._pixels)):
-            self.use_embedding(self._embedded)
-        else:
-            super().set_image(image, image_format)
-
-
 class ModelService:
     """Owns the model of the current version, its embeddings, and the lock around them."""
 
@@ -119,7 +93,7 @@ class ModelService:
         self.model = model
         self.trained = is_trained(model)
         self.weights = weights_source(model)
-        self._predictor = _EmbeddingPredictor(model, encoder_dtype=self.encoder_dtype)
+        self._predictor = SamPredictor(model, encoder_dtype=self.encoder_dtype)
         self._current: tuple[int, int] | None = None  # (version, image) in the predictor
         self._memory.clear()
 
@@ -186,7 +160,7 @@ class ModelService:
             pixels = load_image(self.project.image_path(image.file_name))
             self._predictor.set_image(pixels)
             self._current = None
-            embedded = self._predictor.images[0]
+            embedded = self._predictor.get_embedding()
             _write_embedding(path, embedded)
         self._memory[key] = embedded
         while len(self._memory) > MEMORY_CACHE_SIZE:
@@ -197,7 +171,7 @@ class ModelService:
         """Make ``image`` the predictor's current image (holding the lock)."""
         key = (self.version.id, image.id)
         if self._current != key:
-            self._predictor.use_embedding(self._embedding(image))
+            self._predictor.set_embedding(self._embedding(image))
             self._current = key
 
     # ------------------------------------------------------------------ prompting
@@ -230,10 +204,9 @@ class ModelService:
         pixels = load_image(self.project.image_path(image.file_name))
         with self.using_model(f"segmenting everything in image {image.id}", patience,
                               background=background):
-            generator = AutomaticMaskGenerator(self.model, output_mode="coco_rle", **options)
-            generator.predictor = _ReusingPredictor(self.model, pixels, self._embedding(image),
-                                                    self.encoder_dtype)
-            return generator.generate(pixels)
+            generator = AutomaticMaskGenerator(self.model, output_mode="coco_rle",
+                                               encoder_dtype=self.encoder_dtype, **options)
+            return generator.generate(pixels, embedding=self._embedding(image))
 
     # ------------------------------------------------------------------ versions
     def switch(self, version: ModelVersion, patience: float = CLICK_PATIENCE_S) -> None:
@@ -276,16 +249,11 @@ def _write_embedding(path: Path, embedded: EmbeddedImage) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
     meta = {"original_size": "%d,%d" % embedded.original_size,
             "input_size": "%d,%d" % embedded.input_size}
-    try:
+    with atomic_output(path) as tmp:
         save_file({"features": embedded.features.detach().cpu().contiguous()}, str(tmp),
                   metadata=meta)
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise SamkitError(f"cannot write embedding {path}: {err.strerror or err}") from None
 
 
 def _pair(text: str) -> tuple[int, int]:

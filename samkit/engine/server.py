@@ -30,11 +30,11 @@ from samkit.engine.db import Conflict, ImageRow, NewAnnotation
 from samkit.engine.model_service import (CLICK_PATIENCE_S, PREVIEW_PATIENCE_S, Busy,
                                          ModelService)
 from samkit.engine.project import Project, check_image_name
-from samkit.engine.rle import encode_masks, parse_rle
 from samkit.engine.security import AccessMiddleware
 from samkit.engine.stats import format_table, stats_rows
 from samkit.errors import SamkitError
 from samkit.prompts import Prompts, check_prompts_fit, wants_multimask
+from samkit.rle import encode_masks, parse_rle
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
@@ -62,7 +62,7 @@ class DecodeIn(PromptIn):
 
 
 class AcceptIn(_Body):
-    segmentation: dict[str, Any]  # COCO RLE, checked by samkit.engine.rle.parse_rle
+    segmentation: dict[str, Any]  # COCO RLE, checked by samkit.rle.parse_rle
     prompts: PromptIn | None = None
     score: float | None = None
     seconds: float = Field(ge=0, le=MAX_SECONDS)

@@ -27,9 +27,10 @@ from samkit.engine.db import ImageRow, ModelVersion, NewAnnotation
 from samkit.engine.model_service import CLICK_PATIENCE_S, ModelService
 from samkit.engine.project import Project
 from samkit.errors import SamkitError
-from samkit.everything import GeneratorFactory, select_shard, to_coco_rle
+from samkit.everything import GeneratorFactory, select_shard
 from samkit.images import load_image
 from samkit.loading import warn_if_untrained
+from samkit.rle import to_coco_rle
 
 # A generated mask this similar to one the image already shows is not proposed again.
 DUPLICATE_IOU = 0.8

@@ -8,24 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 AREA_NAMES = ("all", "small", "medium", "large")  # COCOeval's areaRng order
-
-
-def coco_rle(segmentation: Any) -> dict[str, Any]:
-    """A compressed COCO RLE (``counts`` as ``str``) from a binary ``H x W`` mask or an RLE
-    (compressed or not)."""
-    if isinstance(segmentation, np.ndarray):
-        rle = mask_utils.encode(np.asfortranarray(segmentation.astype(np.uint8)))
-    elif isinstance(segmentation.get("counts"), list):
-        h, w = segmentation["size"]
-        rle = mask_utils.frPyObjects(segmentation, h, w)
-    else:
-        rle = dict(segmentation)
-    if isinstance(rle["counts"], bytes):
-        rle["counts"] = rle["counts"].decode("ascii")
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"]}
 
 
 def run_cocoeval(

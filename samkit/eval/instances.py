@@ -28,13 +28,13 @@ import numpy as np
 from samkit.errors import SamkitError
 from samkit.eval.cocoeval import (
     average_precisions,
-    coco_rle,
     precision_recall_curve,
     run_cocoeval,
 )
 from samkit.eval.common import ErrorLog, one_line, samples
 from samkit.eval.datasets import Dataset, Sample
 from samkit.eval.predictors import PromptPredictor, Prompts
+from samkit.rle import to_coco_rle
 
 SCORE_MODES = ("det_x_iou", "det")
 MAX_PER_IMAGE = 100
@@ -129,7 +129,7 @@ def segment_detections(
         for d, mask, iou in zip(batch, final.masks[:, 0], final.scores[:, 0], strict=True):
             score = d.score * float(iou) if score_mode == "det_x_iou" else d.score
             results.append({"image_id": sample.image_id, "category_id": d.category_id,
-                            "segmentation": coco_rle(mask), "score": score})
+                            "segmentation": to_coco_rle(mask), "score": score})
     return results
 
 

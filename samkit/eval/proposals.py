@@ -20,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from samkit.errors import SamkitError
-from samkit.eval.cocoeval import average_recalls, coco_rle, run_cocoeval
+from samkit.eval.cocoeval import average_recalls, run_cocoeval
 from samkit.eval.common import ErrorLog, one_line, samples
 from samkit.eval.datasets import Dataset
+from samkit.rle import to_coco_rle
 
 MAX_DETS = (10, 100, 1000)
 DEFAULT_POINTS_PER_SIDE = 64
@@ -55,7 +56,7 @@ def image_proposals(records: list[dict[str, Any]], image_id: int) -> list[dict[s
     """The top ``max(MAX_DETS)`` records as COCO results (class-agnostic: category 1)."""
     ranked = sorted(records, key=proposal_score, reverse=True)[: max(MAX_DETS)]
     return [
-        {"image_id": image_id, "category_id": 1, "segmentation": coco_rle(r["segmentation"]),
+        {"image_id": image_id, "category_id": 1, "segmentation": to_coco_rle(r["segmentation"]),
          "score": proposal_score(r)}
         for r in ranked
     ]

@@ -148,8 +148,8 @@ def postprocess_operators(
 ) -> tuple[BandedOperator, BandedOperator]:
     """Operators ``R (H x h)`` and ``C (W x w)`` with ``R @ m @ C^T`` equal to the official
     upscale -> crop -> resize of a low-res ``h x w`` mask ``m`` to the original ``H x W``."""
-    rows = _resize_matrix(original_size[0], input_size[0]) @ _resize_matrix(image_size, low_res_size[0])[: input_size[0]]
-    cols = _resize_matrix(original_size[1], input_size[1]) @ _resize_matrix(image_size, low_res_size[1])[: input_size[1]]
+    rows = resize_matrix(original_size[0], input_size[0]) @ resize_matrix(image_size, low_res_size[0])[: input_size[0]]
+    cols = resize_matrix(original_size[1], input_size[1]) @ resize_matrix(image_size, low_res_size[1])[: input_size[1]]
     return BandedOperator.of(rows.float().to(device)), BandedOperator.of(cols.float().to(device))
 
 
@@ -186,7 +186,7 @@ def apply_separable(
     return out.view(*lead, out_h, out_w)
 
 
-def _resize_matrix(out_size: int, in_size: int) -> torch.Tensor:
+def resize_matrix(out_size: int, in_size: int) -> torch.Tensor:
     """``out x in`` matrix of 1-D bilinear resampling exactly as ``F.interpolate`` builds it
     (``align_corners=False``: half-pixel centres, source index clamped at 0; positions and
     weights in float32 like the CPU/GPU kernels, so the weights match theirs bit for bit)."""

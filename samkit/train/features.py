@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from samkit.errors import SamkitError
+from samkit.io import atomic_output
 from samkit.modeling.sam import Sam
 
 if TYPE_CHECKING:  # data.py imports this module
@@ -81,9 +82,8 @@ def build_feature_cache(dataset: TrainDataset, sam: Sam, sources: list[str], fol
         tensors = {"block3": block3[0].to(dtype).contiguous(),
                    "block4": block4[0].to(dtype).contiguous(),
                    "size": torch.tensor([h, w])}
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
+        with atomic_output(path) as tmp:
+            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
         if progress and (index + 1) % 100 == 0:
             rate = (index + 1) / (time.perf_counter() - start)
             print(f"feature cache: {index + 1}/{len(dataset)} ({rate:.1f} images/s)", flush=True)

@@ -40,6 +40,7 @@ from samkit.build import (
     save_checkpoint,
 )
 from samkit.errors import SamkitError
+from samkit.io import atomic_output
 from samkit.modeling.hed import convert_keras_h5
 from samkit.modeling.hed_encoder import HedEncoder, load_hed_stem
 from samkit.modeling.image_encoder import ImageEncoderViT
@@ -54,8 +55,8 @@ from samkit.train.data import (
     open_source,
     worker_init,
 )
-from samkit.train.init import localising_init
 from samkit.train.features import FeatureCache, build_feature_cache
+from samkit.train.init import localising_init
 from samkit.train.losses import LossWeights
 from samkit.train.optim import build_optimizer, build_scheduler, lr_factor
 from samkit.train.step import TrainStep
@@ -364,12 +365,8 @@ def save_training_state(path: Path, sam: Sam, optimizer: torch.optim.Optimizer,
         "rng": states, "world_size": env.world_size, "config": cfg.to_dict(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    with atomic_output(path, fsync=True) as tmp:
+        torch.save(state, tmp)
 
 
 # ----------------------------------------------------------------------------------- metrics
