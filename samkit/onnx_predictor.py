@@ -16,13 +16,7 @@ import numpy as np
 
 from samkit.errors import SamkitError
 from samkit.images import ResizeLongestSide, preprocess_shape, to_rgb_uint8
-from samkit.modeling.prompt_encoder import (
-    LABEL_BACKGROUND,
-    LABEL_BOX_BOTTOM_RIGHT,
-    LABEL_BOX_TOP_LEFT,
-    LABEL_FOREGROUND,
-    LABEL_PAD,
-)
+from samkit.modeling.prompt_encoder import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PAD
 from samkit.onnx_format import (
     DECODER_FILE,
     DECODER_IMAGE_FILE,
@@ -36,6 +30,7 @@ from samkit.onnx_format import (
     META_MODEL,
     PROMPTS_INPUTS,
 )
+from samkit.prompts import check_boxes, check_points
 
 MASK_THRESHOLD = 0.0
 # The decoder graph returns all mask tokens: 0 is the single-mask output, 1..3 the multimask.
@@ -184,11 +179,14 @@ class OnnxSamPredictor:
         if point_coords is not None:
             if point_labels is None:
                 raise SamkitError("point_labels must be given with point_coords")
-            points, point_labels = _check_points(point_coords, point_labels)
+            points, point_labels = check_points(point_coords, point_labels, batched=False)
             coords.append(self._to_input_frame(points))
-            labels.append(point_labels)
+            labels.append(point_labels.astype(np.float32))
         if box is not None:
-            coords.append(self._to_input_frame(_check_box(box).reshape(2, 2)))
+            box_xyxy = check_boxes(box)
+            if len(box_xyxy) != 1:
+                raise SamkitError(f"box must be 4 numbers (x0, y0, x1, y1), got {box_xyxy.size}")
+            coords.append(self._to_input_frame(box_xyxy.reshape(2, 2)))
             labels.append(np.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], np.float32))
         elif point_coords is not None:
             coords.append(np.zeros((1, 2), np.float32))
@@ -331,31 +329,3 @@ def _check_pair(session: Any, path: str | Path, image_size: int, role: str = "en
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0][:200] if text else type(err).__name__
-
-
-# --- prompt validation (the PyTorch predictor's rules and messages) -----------------------
-
-
-def _check_points(coords: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    coords, labels = np.asarray(coords), np.asarray(labels)
-    if coords.ndim != 2 or coords.shape[-1] != 2:
-        raise SamkitError(f"point coordinates must be N x 2, got {coords.shape}")
-    if labels.shape != coords.shape[:1]:
-        raise SamkitError(f"point labels must be N = {coords.shape[0]}, got {labels.shape}")
-    coords = coords.astype(np.float32)
-    if not np.isfinite(coords).all():
-        raise SamkitError("point coordinates must be finite numbers")
-    if not np.isin(labels, (LABEL_PAD, LABEL_BACKGROUND, LABEL_FOREGROUND)).all():
-        raise SamkitError("point labels must be 1 (foreground), 0 (background) or -1 (padding)")
-    return coords, labels.astype(np.float32)
-
-
-def _check_box(box: Any) -> np.ndarray:
-    box = np.asarray(box, np.float32).reshape(-1)
-    if box.shape != (4,):
-        raise SamkitError(f"box must be 4 numbers (x0, y0, x1, y1), got {box.size}")
-    if not np.isfinite(box).all():
-        raise SamkitError("box coordinates must be finite numbers")
-    if box[2] < box[0] or box[3] < box[1]:
-        raise SamkitError("a box must have x1 >= x0 and y1 >= y0 (XYXY order)")
-    return box

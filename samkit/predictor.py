@@ -18,6 +18,7 @@ from samkit.errors import SamkitError
 from samkit.images import ResizeLongestSide, to_rgb_uint8
 from samkit.modeling.sam import Sam
 from samkit.modeling.shared_image import ImageCache
+from samkit.prompts import check_boxes, check_points
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -207,12 +208,13 @@ class SamPredictor:
         if point_coords is not None:
             if point_labels is None:
                 raise SamkitError("point_labels must be given with point_coords")
-            coords, labels = self._check_points(_as_tensor(point_coords), _as_tensor(point_labels))
-            coords = self.transform.apply_coords_torch(coords.to(self.device), self.original_size)
-            labels = labels.to(self.device, torch.int)
+            points, point_labels = check_points(point_coords, point_labels, batched=True)
+            coords = self.transform.apply_coords_torch(
+                torch.from_numpy(points).to(self.device), self.original_size)
+            labels = torch.from_numpy(point_labels).to(self.device, torch.int)
         if boxes is not None:
-            box_t = self._check_boxes(_as_tensor(boxes))
-            box_t = self.transform.apply_boxes_torch(box_t.to(self.device), self.original_size)
+            box_t = self.transform.apply_boxes_torch(
+                torch.from_numpy(check_boxes(boxes)).to(self.device), self.original_size)
         if mask_input is not None:
             masks_t = self._check_mask_input(_as_tensor(mask_input)).to(self.device, torch.float)
         if coords is None and box_t is None and masks_t is None:
@@ -284,31 +286,6 @@ class SamPredictor:
     def _require_image(self) -> None:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
-
-    @staticmethod
-    def _check_points(coords: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if coords.ndim != 3 or coords.shape[-1] != 2:
-            raise SamkitError(f"point coordinates must be B x N x 2, got {tuple(coords.shape)}")
-        if labels.shape != coords.shape[:2]:
-            raise SamkitError(
-                f"point labels must be B x N = {tuple(coords.shape[:2])}, got {tuple(labels.shape)}"
-            )
-        if not torch.isfinite(coords.float()).all():
-            raise SamkitError("point coordinates must be finite numbers")
-        if not torch.isin(labels.long(), torch.tensor([-1, 0, 1])).all():
-            raise SamkitError("point labels must be 1 (foreground), 0 (background) or -1 (padding)")
-        return coords.float(), labels
-
-    @staticmethod
-    def _check_boxes(boxes: torch.Tensor) -> torch.Tensor:
-        if boxes.ndim != 2 or boxes.shape[-1] != 4:
-            raise SamkitError(f"boxes must be B x 4 (x0, y0, x1, y1), got {tuple(boxes.shape)}")
-        boxes = boxes.float()
-        if not torch.isfinite(boxes).all():
-            raise SamkitError("box coordinates must be finite numbers")
-        if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
-            raise SamkitError("a box must have x1 >= x0 and y1 >= y0 (XYXY order)")
-        return boxes
 
     def _check_mask_input(self, masks: torch.Tensor) -> torch.Tensor:
         expected = self.model.prompt_encoder.mask_input_size

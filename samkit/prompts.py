@@ -1,8 +1,10 @@
-"""Prompts as users give them: points, labels and a box in original-image pixels, parsed from
-command-line text and checked against the image, with one-line errors.
+"""Prompts as users give them: points, labels and boxes in original-image pixels, parsed from
+command-line text and checked, with one-line errors: the one home of prompt validation.
 
-:class:`Prompts` is what ``samkit segment`` and the annotation app's API take; the predictor
-receives its arrays (``points K x 2``, ``labels K``, ``box 4``).
+:class:`Prompts` is what ``samkit segment`` and the annotation app's API take;
+:func:`check_points` and :func:`check_boxes` are the array rules of every predictor
+(:class:`~samkit.predictor.SamPredictor`, the ONNX predictor), :func:`check_prompts_fit`
+the rule that prompts lie on the image.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from samkit.errors import SamkitError
 
 POINT_SYNTAX = "x,y[,label]"
 BOX_SYNTAX = "x0,y0,x1,y1"
+POINT_LABELS = (-1, 0, 1)  # padding, background, foreground (samkit.modeling.prompt_encoder)
 
 
 @dataclass(frozen=True)
@@ -120,3 +123,44 @@ def wants_multimask(prompts: Prompts, *, single: bool) -> bool:
     if prompts.box is None:
         return len(prompts.points) == 1
     return len(prompts.points) == 0
+
+
+def check_points(coords: Any, labels: Any, *, batched: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Point prompts as arrays: ``B x N x 2`` XY with ``B x N`` labels (``batched``), or
+    ``N x 2`` with ``N``. Returns float32 coordinates and int64 labels."""
+    coords, labels = _numpy(coords), _numpy(labels)
+    shape = "B x N x 2" if batched else "N x 2"
+    if coords.ndim != (3 if batched else 2) or coords.shape[-1] != 2:
+        raise SamkitError(f"point coordinates must be {shape}, got {tuple(coords.shape)}")
+    if labels.shape != coords.shape[:-1]:
+        raise SamkitError(f"point labels must be {shape[:-4]} = {tuple(coords.shape[:-1])}, "
+                          f"got {tuple(labels.shape)}")
+    if not np.issubdtype(coords.dtype, np.number) or not np.isfinite(coords).all():
+        raise SamkitError("point coordinates must be finite numbers")
+    if not np.isin(labels, POINT_LABELS).all():
+        raise SamkitError("point labels must be 1 (foreground), 0 (background) or -1 (padding)")
+    return coords.astype(np.float32), labels.astype(np.int64)
+
+
+def check_boxes(boxes: Any) -> np.ndarray:
+    """Box prompts as a ``B x 4`` XYXY array (a single box ``4`` is ``1 x 4``); float32."""
+    boxes = _numpy(boxes)
+    if boxes.ndim == 1:
+        boxes = boxes[None]
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise SamkitError(f"boxes must be B x 4 (x0, y0, x1, y1), got {tuple(boxes.shape)}")
+    if not np.issubdtype(boxes.dtype, np.number) or not np.isfinite(boxes).all():
+        raise SamkitError("box coordinates must be finite numbers")
+    if (boxes[:, 2] < boxes[:, 0]).any() or (boxes[:, 3] < boxes[:, 1]).any():
+        raise SamkitError("a box must have x1 >= x0 and y1 >= y0 (XYXY order)")
+    return boxes.astype(np.float32)
+
+
+def _numpy(values: Any) -> np.ndarray:
+    """An array of ``values`` (numpy, nested lists, or a torch tensor on any device)."""
+    if hasattr(values, "detach"):  # a torch tensor: prompts are small, the copy is cheap
+        values = values.detach().cpu().numpy()
+    try:
+        return np.asarray(values)
+    except (TypeError, ValueError) as err:
+        raise SamkitError(f"prompt arrays must be numeric arrays ({err})") from None
