@@ -18,7 +18,7 @@ from samkit.errors import SamkitError
 from samkit.images import ResizeLongestSide, to_rgb_uint8
 from samkit.modeling.sam import Sam
 from samkit.modeling.shared_image import ImageCache
-from samkit.prompts import check_boxes, check_points
+from samkit.prompts import MAX_POINTS, check_boxes, check_points
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -38,14 +38,17 @@ class SamPredictor:
     """Computes image embeddings once and decodes prompts against them."""
 
     def __init__(self, sam_model: Sam, encode_batch_size: int = 4, decode_chunk_size: int = 4,
-                 encoder_dtype: torch.dtype | None = None) -> None:
+                 encoder_dtype: torch.dtype | None = None, max_points: int = MAX_POINTS) -> None:
         """``encoder_dtype=torch.bfloat16`` runs the image encoder under bf16 autocast (CPUs
-        with AVX-512 BF16 / AMX, and GPUs); embeddings are returned in fp32 either way."""
+        with AVX-512 BF16 / AMX, and GPUs); embeddings are returned in fp32 either way.
+        ``max_points``: points per prompt set accepted (the decoder's memory grows with the
+        square of its tokens)."""
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_size)
         self.encode_batch_size = encode_batch_size
         self.decode_chunk_size = decode_chunk_size
         self.encoder_dtype = encoder_dtype
+        self.max_points = max_points
         self.images: list[EmbeddedImage] = []
         self.reset_image()
 
@@ -208,7 +211,8 @@ class SamPredictor:
         if point_coords is not None:
             if point_labels is None:
                 raise SamkitError("point_labels must be given with point_coords")
-            points, point_labels = check_points(point_coords, point_labels, batched=True)
+            points, point_labels = check_points(point_coords, point_labels, batched=True,
+                                                max_points=self.max_points)
             coords = self.transform.apply_coords_torch(
                 torch.from_numpy(points).to(self.device), self.original_size)
             labels = torch.from_numpy(point_labels).to(self.device, torch.int)

@@ -20,6 +20,9 @@ from samkit.errors import SamkitError
 POINT_SYNTAX = "x,y[,label]"
 BOX_SYNTAX = "x0,y0,x1,y1"
 POINT_LABELS = (-1, 0, 1)  # padding, background, foreground (samkit.modeling.prompt_encoder)
+# Points per prompt set. The decoder's memory grows with the square of its tokens (10,000
+# points asked for 25 GB); interactive sessions use tens of clicks.
+MAX_POINTS = 256
 
 
 @dataclass(frozen=True)
@@ -125,13 +128,17 @@ def wants_multimask(prompts: Prompts, *, single: bool) -> bool:
     return len(prompts.points) == 0
 
 
-def check_points(coords: Any, labels: Any, *, batched: bool) -> tuple[np.ndarray, np.ndarray]:
+def check_points(coords: Any, labels: Any, *, batched: bool,
+                 max_points: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
     """Point prompts as arrays: ``B x N x 2`` XY with ``B x N`` labels (``batched``), or
-    ``N x 2`` with ``N``. Returns float32 coordinates and int64 labels."""
+    ``N x 2`` with ``N``, and ``N <= max_points``. Returns float32 coordinates and int64
+    labels."""
     coords, labels = _numpy(coords), _numpy(labels)
     shape = "B x N x 2" if batched else "N x 2"
     if coords.ndim != (3 if batched else 2) or coords.shape[-1] != 2:
         raise SamkitError(f"point coordinates must be {shape}, got {tuple(coords.shape)}")
+    if coords.shape[-2] > max_points:
+        raise SamkitError(f"at most {max_points} points per prompt, got {coords.shape[-2]}")
     if labels.shape != coords.shape[:-1]:
         raise SamkitError(f"point labels must be {shape[:-4]} = {tuple(coords.shape[:-1])}, "
                           f"got {tuple(labels.shape)}")
