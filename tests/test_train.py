@@ -283,3 +283,38 @@ def test_resume_with_a_new_lr_uses_it(shapes: Path, tmp_path: Path) -> None:
     rows = train(dataclasses.replace(cfg, lr=2e-4, max_steps=None, resume=True))
     assert [r["step"] for r in rows] == [4, 5, 6]
     assert all(r["lr"] == pytest.approx(2e-4) for r in rows)
+
+
+class NanStep(TrainStep):
+    """A TrainStep whose loss is NaN at the steps in ``NAN_STEPS`` (0-based)."""
+
+    NAN_STEPS: set[int] = set()
+
+    def forward(self, batch, step: int):
+        out = super().forward(batch, step)
+        if step in self.NAN_STEPS:
+            out = dataclasses.replace(out, loss=out.loss * float("nan"))
+        return out
+
+
+def test_non_finite_steps_leave_the_weights_and_too_many_stop_the_run(
+        shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import samkit.train.loop as loop
+
+    monkeypatch.setattr(loop, "TrainStep", NanStep)
+    monkeypatch.setattr(NanStep, "NAN_STEPS", {0, 1, 2})
+    cfg = run_config(shapes, tmp_path / "skipped", iterations=3)
+    train(cfg)
+    assert capsys.readouterr().err.count("skipped: non-finite loss") == 3
+    # No step was applied: every parameter is as initialised (BatchNorm statistics, buffers,
+    # do move in the forward passes).
+    initial = dict(loop.build_model(cfg, torch.device("cpu")).named_parameters())
+    trained = load_state_dict(tmp_path / "skipped" / "model.safetensors")
+    assert all(torch.equal(p.detach(), trained[k]) for k, p in initial.items())
+
+    monkeypatch.setattr(NanStep, "NAN_STEPS", {1, 2, 3, 4})
+    with pytest.raises(SamkitError, match="3 steps in a row had a non-finite loss") as err:
+        train(run_config(shapes, tmp_path / "diverged", iterations=8, max_nonfinite_steps=3))
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "diverged" / "metrics.csv").is_file()  # the good step was logged

@@ -75,6 +75,9 @@ class TrainConfig:
     decay_fractions: tuple[float, ...] = (60_000 / 90_000, 86_666 / 90_000)  # lr / 10 at each
     layer_decay: float = 0.8  # layer-wise lr decay of the image encoder; 1.0 turns it off
     clip_grad: float = 0.0  # max global grad norm; 0 = no clipping
+    # A step whose loss or gradient is NaN/inf leaves the weights as they were (and says so);
+    # this many in a row stop the run with a one-line error instead of training on garbage.
+    max_nonfinite_steps: int = 10
     # Frame of the mask losses: "input" upsamples the low-res logits to the S x S input
     # (sharp targets); "low" area-downsamples the targets to the 4x-embedding low-res
     # logits instead (16x fewer loss pixels: the cheap choice for CPU runs).
@@ -119,7 +122,7 @@ class TrainConfig:
             raise SamkitError(f"loss_resolution must be one of {LOSS_RESOLUTIONS}, "
                               f"got {self.loss_resolution!r}")
         for name in ("batch_size", "max_masks_per_image", "iterations", "log_interval",
-                     "ckpt_interval"):
+                     "ckpt_interval", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise SamkitError(f"{name} must be >= 1, got {getattr(self, name)}")
         lo, hi = self.scale_range

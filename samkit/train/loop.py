@@ -16,6 +16,7 @@ import csv
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -147,6 +148,7 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
         rows: list[dict[str, float]] = []
         start_time = last_end = time.perf_counter()
         empty_images = 0  # since the last log row (on this process)
+        nonfinite_run = 0  # consecutive steps with a NaN/inf loss or gradient
         while step < stop:
             sampler.set_position(epoch, batches_done)
             for batch in loader:
@@ -160,11 +162,29 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
                 step_module.timer.mark("backward")
                 out.loss.backward()
                 step_module.timer.mark("backward_done")
-                if cfg.clip_grad > 0:
-                    nn.utils.clip_grad_norm_(sam.parameters(), cfg.clip_grad)
+                # The norm of the (all-reduced) gradient: the same on every process, so all
+                # skip a bad step together.
+                grad_norm = nn.utils.clip_grad_norm_(
+                    sam.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
                 lr = max(g["lr"] for g in optimizer.param_groups)  # this step's lr
-                optimizer.step()
-                scheduler.step()
+                if torch.isfinite(grad_norm) and torch.isfinite(out.loss.detach()):
+                    optimizer.step()
+                    nonfinite_run = 0
+                else:
+                    nonfinite_run += 1
+                    if is_main:
+                        tqdm.write(f"samkit train: step {step + 1} skipped: non-finite loss "
+                                   f"{out.loss.item():.4g} or gradient norm "
+                                   f"{grad_norm.item():.4g}; the weights are unchanged",
+                                   file=sys.stderr)
+                    if nonfinite_run >= cfg.max_nonfinite_steps:
+                        raise SamkitError(
+                            f"{nonfinite_run} steps in a row had a non-finite loss or gradient "
+                            f"(up to step {step + 1}): the run diverged; resume from the last "
+                            f"checkpoint with a lower lr (--set lr=...), or check the data")
+                with warnings.catch_warnings():  # the schedule counts skipped steps too
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    scheduler.step()
                 step, batches_done = step + 1, batches_done + 1
                 now = time.perf_counter()
                 step_time, last_end = now - last_end, now
