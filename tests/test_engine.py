@@ -404,6 +404,23 @@ def test_upload_limit_holds_without_content_length(client: TestClient, project: 
     assert not list(project.images_dir.glob(".upload-*"))
 
 
+def test_json_bodies_over_the_limit_are_413(project: Project, service: ModelService) -> None:
+    small = TestClient(create_app(project, service, prefetch=False, max_body_bytes=4096),
+                       base_url="http://127.0.0.1")
+    padded = {"points": [[30, 20, 1]], "box": None, "pad": "x" * 5000}
+    assert "limit" in error_of(small.post("/api/images/1/decode", json=padded), 413)
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b" " * 1000
+
+    response = small.post("/api/images/1/decode", content=chunks(),
+                          headers={"content-type": "application/json"})
+    assert "limit" in error_of(response, 413)
+    ok = small.post("/api/images/1/decode", json={"points": [[30, 20, 1]]})
+    assert ok.status_code == 200 and len(ok.json()["masks"]) == 3  # small bodies pass whole
+
+
 def test_no_path_leaves_the_project(client: TestClient, project: Project) -> None:
     for path in ("/static/../project.db", "/static/%2e%2e/project.db",
                  "/static/..%2F..%2Fproject.db", "/api/images/..%2F..%2Fproject.db/file"):

@@ -38,6 +38,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                           help=BF16_HELP + "; bf16 embeddings are cached apart from fp32 ones")
     annotate.add_argument("--max-upload-mb", type=float, default=50.0, metavar="MB",
                           help="largest image upload accepted (default 50)")
+    annotate.add_argument("--max-body-mb", type=float, default=16.0, metavar="MB",
+                          help="largest JSON request body accepted (prompts, masks; default 16)")
     annotate.set_defaults(func=run_annotate)
 
     engine = subparsers.add_parser(
@@ -128,8 +130,8 @@ def run_annotate(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise SamkitError(f"--port must be 0-65535, got {args.port}")
-    if args.max_upload_mb <= 0:
-        raise SamkitError("--max-upload-mb must be positive")
+    if args.max_upload_mb <= 0 or args.max_body_mb <= 0:
+        raise SamkitError("--max-upload-mb and --max-body-mb must be positive")
     token, generated = resolve_token(args.host, args.token)
     device = resolve_device(args.device)
     # Bound before the model loads, so a busy port fails at once and --port 0 can print the
@@ -142,7 +144,8 @@ def run_annotate(args: argparse.Namespace) -> int:
     warn_if_untrained(f"model version {service.version.id} ({service.version.model})",
                       service.trained, fix="until it is trained")
     app = create_app(project, service, token=token,
-                     max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+                     max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                     max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     shown_host = "<this machine's address>" if args.host in ("0.0.0.0", "::") else args.host
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     url = f"http://{shown_host}:{port}/" + (f"?token={token}" if token else "")

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from samkit.errors import SamkitError
 
@@ -109,6 +109,49 @@ def _supplied_token(request: Request) -> str | None:
     if scheme.lower() == "bearer" and credentials:
         return credentials
     return request.cookies.get(TOKEN_COOKIE)
+
+
+class BodyLimitMiddleware:
+    """Refuses (413) a request body over ``max_bytes``, by its Content-Length or, when that
+    is absent or false, as it arrives. The JSON endpoints' bodies are read here (they are
+    small, and the app reads them whole anyway) and handed on; paths in ``exempt`` (the image
+    upload, which streams to disk under its own, larger limit) pass through untouched."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.exempt = exempt
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (scope["type"] != "http" or scope["path"] in self.exempt
+                or scope["method"] in ("GET", "HEAD", "OPTIONS")):
+            await self.app(scope, receive, send)
+            return
+        too_large = _deny(413, f"request body over the {self.max_bytes // 1024} KiB limit")
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await too_large(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await too_large(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: disconnect notices
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _deny(status: int, message: str) -> JSONResponse:

@@ -30,7 +30,7 @@ from samkit.engine.db import Conflict, ImageRow, NewAnnotation
 from samkit.engine.model_service import (CLICK_PATIENCE_S, PREVIEW_PATIENCE_S, Busy,
                                          ModelService)
 from samkit.engine.project import Project, check_image_name
-from samkit.engine.security import AccessMiddleware
+from samkit.engine.security import AccessMiddleware, BodyLimitMiddleware
 from samkit.engine.stats import format_table, stats_rows
 from samkit.errors import SamkitError
 from samkit.prompts import Prompts, check_prompts_fit, wants_multimask
@@ -38,6 +38,8 @@ from samkit.rle import encode_masks, parse_rle
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+# JSON bodies (prompts, accepted masks as RLE, settings): a 100 MP mask's RLE is a few MB.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_POINTS = 64  # more clicks than anyone makes on one object
 MAX_SECONDS = 86_400.0
 ANNOTATOR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
@@ -98,12 +100,13 @@ class ModelIn(_Body):
 # ------------------------------------------------------------------------------------ the app
 def create_app(project: Project, service: ModelService, *, token: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               prefetch: bool = True) -> FastAPI:
+               prefetch: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The app for ``project``; ``token`` None means loopback-only without a token (see
     :mod:`samkit.engine.security`); ``prefetch`` starts the background precompute thread."""
     app = FastAPI(title="samkit annotate", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
-    app.add_middleware(AccessMiddleware, token=token)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, exempt=("/api/images",))
+    app.add_middleware(AccessMiddleware, token=token)  # outermost: access is checked first
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     db = project.db
     prefetcher = stages.Prefetcher(project, service) if prefetch else None
