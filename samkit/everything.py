@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 from samkit.errors import SamkitError
 from samkit.io import IMAGE_SUFFIXES, write_text_atomic
+from samkit.jobs import Job, run_jobs
 from samkit.loading import warn_if_untrained
 from samkit.rle import to_coco_rle
 
@@ -338,57 +338,20 @@ def run_everything(
 ) -> RunSummary:
     """Segment every image of ``items`` not done yet, writing into ``outdir`` (which must
     exist). A bad image is reported and counted, or raised when ``fail_fast``."""
-    from tqdm import tqdm
-
     todo, skipped = pending(items, outdir, overlay)
-    summary = RunSummary(skipped=skipped)
-    generator: LoadedGenerator | None = None
-    # A bar for a single image says nothing, and would clutter its one-line error.
-    for item in tqdm(todo, desc=desc, unit="img", dynamic_ncols=True, disable=len(todo) < 2):
-        try:
-            image = load_checked(item.path)
-        except SamkitError as err:
-            record_failure(summary, item, err, fail_fast)
-            continue
-        if generator is None:
-            # Built at the first readable image, so a single bad IMAGE, or a rerun left with
-            # only bad files, fails fast without loading a model.
-            generator = factory()
-            warn_if_untrained(f"model {generator.model_name!r}", generator.trained)
-        try:
-            segment_and_write(item, image, outdir, generator, overlay)
-        except per_image_errors() as err:
-            record_failure(summary, item, err, fail_fast)
-            continue
-        summary.done += 1
-    return summary
+
+    def loaded() -> LoadedGenerator:
+        generator = factory()
+        warn_if_untrained(f"model {generator.model_name!r}", generator.trained)
+        return generator
+
+    def work(item: ImageItem, image: np.ndarray, generator: LoadedGenerator) -> int:
+        segment_and_write(item, image, outdir, generator, overlay)
+        return 0
+
+    job = Job(read=lambda item: load_checked(item.path), worker=loaded, work=work,
+              name=lambda item: item.rel)
+    counts = run_jobs(todo, job, desc=desc, fail_fast=fail_fast)
+    return RunSummary(done=counts.done, skipped=skipped, failed=counts.failed)
 
 
-def record_failure(
-    summary: RunSummary, item: ImageItem, err: BaseException, fail_fast: bool
-) -> None:
-    """Report and count a failed image, or re-raise it when one image is all there is."""
-    if fail_fast:
-        raise err
-    report_failure(item.rel, one_line(err))
-    summary.failed += 1
-
-
-def per_image_errors() -> tuple[type[BaseException], ...]:
-    """What one image can cause (bad file, too big for the GPU) and the run survives; anything
-    else is a bug and stops the run, which can then be resumed."""
-    import torch
-
-    return SamkitError, torch.cuda.OutOfMemoryError
-
-
-def report_failure(rel: str, reason: str) -> None:
-    """One line on stderr, written through tqdm so it does not tear the progress bar."""
-    from tqdm import tqdm
-
-    tqdm.write(f"samkit: skipped {rel}: {reason}", file=sys.stderr)
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

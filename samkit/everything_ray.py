@@ -24,18 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from samkit.errors import SamkitError
+from samkit.errors import SamkitError, one_line
 from samkit.everything import (
     GeneratorFactory,
     ImageItem,
     RunSummary,
     load_checked,
-    one_line,
     pending,
-    per_image_errors,
-    report_failure,
     segment_and_write,
 )
+from samkit.jobs import per_image_errors, report_failure
 from samkit.loading import warn_if_untrained
 
 

@@ -174,7 +174,7 @@ def _uses_model(args: argparse.Namespace) -> bool:
 
 def _open_datasets(args: argparse.Namespace) -> tuple[list[Any], dict[str, str]]:
     """The usable datasets, and a reason for each ``--data`` that is not."""
-    from samkit.eval.common import one_line
+    from samkit.errors import one_line
     from samkit.eval.datasets import open_dataset, require_kind
 
     datasets, errors, names = [], {}, set()

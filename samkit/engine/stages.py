@@ -21,14 +21,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from pycocotools import mask as mask_utils
 
 from samkit.engine.db import ImageRow, ModelVersion, NewAnnotation
 from samkit.engine.model_service import CLICK_PATIENCE_S, ModelService
 from samkit.engine.project import Project
-from samkit.errors import SamkitError
-from samkit.everything import GeneratorFactory, select_shard
+from samkit.everything import GeneratorFactory, LoadedGenerator, select_shard
 from samkit.images import load_image
+from samkit.jobs import Job, run_jobs
 from samkit.loading import warn_if_untrained
 from samkit.rle import to_coco_rle
 
@@ -167,31 +168,29 @@ def run_auto(project: Project, version: ModelVersion, shard: tuple[int, int],
     accepted stage-1/2 masks are left to their annotators. ``factory`` builds the generator
     (:class:`samkit.everything.GeneratorSpec` for the version's model).
     """
-    from tqdm import tqdm
-
     db = project.db
     mine = select_shard(db.images(), shard)
     skip = db.images_with_accepted() | db.runs_done("auto")
     todo = [image for image in mine if image.id not in skip]
-    if not todo:
-        return AutoSummary(0, len(mine), 0, 0)
-    generator = factory()  # only now: a finished shard never loads the model
-    warn_if_untrained(f"model version {version.id} ({version.model})", generator.trained,
-                      fix="until it is trained")
-    done = failed = masks = 0
-    for image in tqdm(todo, desc=f"auto {shard[0]}/{shard[1]}", unit="img", disable=None):
-        try:
-            pixels = load_image(project.image_path(image.file_name))
-            start = time.perf_counter()
-            records = generator.generate(pixels)
-            seconds = time.perf_counter() - start
-        except SamkitError as err:
-            print(f"samkit: skipped {image.file_name}: {err}", file=sys.stderr)
-            failed += 1
-            continue
+
+    def loaded() -> LoadedGenerator:  # only at the first image: a finished shard loads none
+        generator = factory()
+        warn_if_untrained(f"model version {version.id} ({version.model})", generator.trained,
+                          fix="until it is trained")
+        return generator
+
+    def work(image: ImageRow, pixels: np.ndarray, generator: LoadedGenerator) -> int:
+        start = time.perf_counter()
+        records = generator.generate(pixels)
+        seconds = time.perf_counter() - start
         items = to_annotations(records, image.id, 3, "accepted", version.id,
                                seconds / max(1, len(records)))
+        # The masks and the image's "done" mark are one transaction.
         db.add_annotations(items, run=(image.id, "auto", version.id, seconds))
-        done, masks = done + 1, masks + len(items)
-    return AutoSummary(done, len(mine) - len(todo), failed, masks)
+        return len(items)
+
+    job = Job(read=lambda image: load_image(project.image_path(image.file_name)),
+              worker=loaded, work=work, name=lambda image: image.file_name)
+    counts = run_jobs(todo, job, desc=f"auto {shard[0]}/{shard[1]}")
+    return AutoSummary(counts.done, len(mine) - len(todo), counts.failed, counts.outputs)
 

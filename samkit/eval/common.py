@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from samkit.errors import SamkitError
+from samkit.errors import SamkitError, one_line
 from samkit.eval.datasets import Dataset, Sample
 
 
@@ -26,11 +26,6 @@ class ErrorLog:
     def for_dataset(self, dataset: str) -> list[dict[str, str]]:
         return [{"item": e["item"], "error": e["error"]} for e in self.entries
                 if e["dataset"] == dataset]
-
-
-def one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def samples(dataset: Dataset, log: ErrorLog, desc: str = "") -> Iterator[Sample]:

@@ -44,8 +44,8 @@ import cv2
 import numpy as np
 import torch
 
-from samkit.errors import SamkitError
-from samkit.eval.common import ErrorLog, one_line, samples
+from samkit.errors import SamkitError, one_line
+from samkit.eval.common import ErrorLog, samples
 from samkit.eval.datasets import Dataset
 from samkit.eval.predictors import PromptPredictor, Prompts
 from samkit.masks import batched_mask_to_box, batched_nms, build_point_grid

@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from samkit.errors import SamkitError
+from samkit.errors import SamkitError, one_line
 from samkit.eval.cocoeval import (
     average_precisions,
     precision_recall_curve,
     run_cocoeval,
 )
-from samkit.eval.common import ErrorLog, one_line, samples
+from samkit.eval.common import ErrorLog, samples
 from samkit.eval.datasets import Dataset, Sample
 from samkit.eval.predictors import PromptPredictor, Prompts
 from samkit.rle import to_coco_rle

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from samkit.errors import SamkitError
+from samkit.errors import SamkitError, one_line
 from samkit.eval.clicks import Click, first_click, mask_box, mask_iou, next_click
-from samkit.eval.common import ErrorLog, one_line, samples
+from samkit.eval.common import ErrorLog, samples
 from samkit.eval.datasets import Dataset, ObjectMask, Sample
 from samkit.eval.predictors import Prediction, PromptPredictor, Prompts
 

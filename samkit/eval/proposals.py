@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from samkit.errors import SamkitError
+from samkit.errors import SamkitError, one_line
 from samkit.eval.cocoeval import average_recalls, run_cocoeval
-from samkit.eval.common import ErrorLog, one_line, samples
+from samkit.eval.common import ErrorLog, samples
 from samkit.eval.datasets import Dataset
 from samkit.rle import to_coco_rle
 
