@@ -18,7 +18,7 @@ from samkit.eval.datasets import Sample, open_dataset, read_mask_objects
 from samkit.eval.grabcut import GrabCutPredictor
 from samkit.eval.instances import load_detections, run_instances
 from samkit.eval.points import PointsEvaluator, run_points
-from samkit.eval.predictors import Prediction, Prompts
+from samkit.eval.predictors import Prediction, PromptBatch
 from samkit.eval.proposals import MAX_DETS, image_proposals, run_proposals
 
 H, W = 48, 64
@@ -42,14 +42,14 @@ class OraclePredictor:
     def set_image(self, image: np.ndarray) -> None:
         self.objects = self.truth[_key(image)]
 
-    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+    def predict(self, prompts: PromptBatch, multimask: bool) -> Prediction:
         chosen = [self._pick(prompts, b) for b in range(len(prompts))]
         m = 3 if multimask else 1
         logits = np.stack([np.where(g, 10.0, -10.0) for g in chosen])[:, None].repeat(m, 1)
         return Prediction(logits.astype(np.float32), np.ones((len(chosen), m)),
                           np.zeros((len(chosen), m, 8, 8)))
 
-    def _pick(self, prompts: Prompts, b: int) -> np.ndarray:
+    def _pick(self, prompts: PromptBatch, b: int) -> np.ndarray:
         if prompts.points is not None:
             x, y = prompts.points[b, 0].astype(int)
             return next(g for g in self.objects if g[y, x])
@@ -66,7 +66,7 @@ class EmptyPredictor:
     def set_image(self, image: np.ndarray) -> None:
         self.shape = image.shape[:2]
 
-    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+    def predict(self, prompts: PromptBatch, multimask: bool) -> Prediction:
         m = 3 if multimask else 1
         logits = np.full((len(prompts), m, *self.shape), -10.0, np.float32)
         return Prediction(logits, np.zeros((len(prompts), m)), np.zeros((len(prompts), m, 8, 8)))
@@ -243,7 +243,7 @@ class _Recorder(EmptyPredictor):
         super().__init__()
         self.calls: list[tuple[int, int | None, bool, bool]] = []
 
-    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+    def predict(self, prompts: PromptBatch, multimask: bool) -> Prediction:
         clicks = None if prompts.points is None else prompts.points.shape[1]
         self.calls.append((len(prompts), clicks, multimask, prompts.mask_input is not None))
         return super().predict(prompts, multimask)

@@ -21,7 +21,7 @@ from samkit.eval.edges import (
     recall_at_half_precision,
     thresholds,
 )
-from samkit.eval.predictors import Prediction, Prompts
+from samkit.eval.predictors import Prediction, PromptBatch
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 THRS = thresholds(99)
@@ -163,7 +163,7 @@ class _SquareModel:
     def set_image(self, image: np.ndarray) -> None:
         pass
 
-    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+    def predict(self, prompts: PromptBatch, multimask: bool) -> Prediction:
         b = len(prompts)
         logits = np.broadcast_to(self.logits, (b, 3, *self.logits.shape)).copy()
         scores = np.tile([0.9, 0.8, 0.7], (b, 1))

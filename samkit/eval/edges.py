@@ -47,7 +47,7 @@ import torch
 from samkit.errors import SamkitError, one_line
 from samkit.eval.common import ErrorLog, samples
 from samkit.eval.datasets import Dataset
-from samkit.eval.predictors import PromptPredictor, Prompts
+from samkit.eval.predictors import PromptPredictor, PromptBatch
 from samkit.masks import batched_mask_to_box, batched_nms, build_point_grid
 
 MAX_DIST = 0.0075
@@ -116,7 +116,7 @@ class SamEdges:
     def _decode(self, points: np.ndarray) -> _Candidates:
         """The 3 masks of each of ``P`` single-point prompts, reduced to what NMS and the edge
         map need, so full-resolution logits exist for one batch at a time."""
-        prompts = Prompts(points=points[:, None], labels=np.ones((len(points), 1), np.int64))
+        prompts = PromptBatch(points=points[:, None], labels=np.ones((len(points), 1), np.int64))
         pred = self.predictor.predict(prompts, multimask=True)
         logits = pred.logits.reshape(-1, *pred.logits.shape[2:])
         mask_index, pixels, values = outer_boundary_sobel(logits)

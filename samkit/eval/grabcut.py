@@ -22,7 +22,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from samkit.eval.predictors import Prediction, Prompts
+from samkit.eval.predictors import Prediction, PromptBatch
 
 ITERATIONS = 5
 SEED_RADIUS = 3
@@ -41,7 +41,7 @@ class GrabCutPredictor:
     def set_image(self, image: np.ndarray) -> None:
         self.image = np.ascontiguousarray(image[..., ::-1])  # OpenCV wants BGR
 
-    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+    def predict(self, prompts: PromptBatch, multimask: bool) -> Prediction:
         assert self.image is not None, "set_image first"
         masks = []
         for b in range(len(prompts)):

@@ -33,7 +33,7 @@ from samkit.eval.cocoeval import (
 )
 from samkit.eval.common import ErrorLog, samples
 from samkit.eval.datasets import Dataset, Sample
-from samkit.eval.predictors import PromptPredictor, Prompts
+from samkit.eval.predictors import PromptPredictor, PromptBatch
 from samkit.rle import to_coco_rle
 
 SCORE_MODES = ("det_x_iou", "det")
@@ -121,10 +121,10 @@ def segment_detections(
     for start in range(0, len(chosen), BOXES_PER_BATCH):
         batch = chosen[start : start + BOXES_PER_BATCH]
         boxes = np.stack([_clip(d.box, w, h) for d in batch])
-        first = predictor.predict(Prompts(boxes=boxes), multimask=False)
-        prompts = Prompts(boxes=boxes)
+        first = predictor.predict(PromptBatch(boxes=boxes), multimask=False)
+        prompts = PromptBatch(boxes=boxes)
         if first.low_res is not None:
-            prompts = Prompts(boxes=boxes, mask_input=first.low_res[:, :1])
+            prompts = PromptBatch(boxes=boxes, mask_input=first.low_res[:, :1])
         final = predictor.predict(prompts, multimask=False)
         for d, mask, iou in zip(batch, final.masks[:, 0], final.scores[:, 0], strict=True):
             score = d.score * float(iou) if score_mode == "det_x_iou" else d.score

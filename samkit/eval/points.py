@@ -27,7 +27,7 @@ from samkit.errors import SamkitError, one_line
 from samkit.eval.clicks import Click, first_click, mask_box, mask_iou, next_click
 from samkit.eval.common import ErrorLog, samples
 from samkit.eval.datasets import Dataset, ObjectMask, Sample
-from samkit.eval.predictors import Prediction, PromptPredictor, Prompts
+from samkit.eval.predictors import Prediction, PromptPredictor, PromptBatch
 
 CURVE_CLICKS = (1, 2, 3, 5, 9)
 NOC_THRESHOLDS = (0.85, 0.90)
@@ -95,7 +95,7 @@ class PointsEvaluator:
 
     def _box_round(self, runs: list[ObjectRun]) -> None:
         boxes = np.stack([mask_box(run.target.mask) for run in runs])
-        pred = self.predictor.predict(Prompts(boxes=boxes), multimask=False)
+        pred = self.predictor.predict(PromptBatch(boxes=boxes), multimask=False)
         for run, masks in zip(runs, pred.masks, strict=True):
             run.box_iou = mask_iou(masks[0], run.target.mask, run.target.ignore)
 
@@ -129,7 +129,7 @@ class PointsEvaluator:
         prompts = _point_prompts(going)
         if all(run.low_res is not None for run in going):
             low_res = np.stack([run.low_res for run in going])[:, None]
-            prompts = Prompts(prompts.points, prompts.labels, mask_input=low_res)
+            prompts = PromptBatch(prompts.points, prompts.labels, mask_input=low_res)
         pred = self.predictor.predict(prompts, multimask=False)
         for b, run in enumerate(going):
             self._keep(run, pred, b, 0, mask_iou(pred.masks[b, 0], run.target.mask,
@@ -142,10 +142,10 @@ class PointsEvaluator:
         run.ious.append(iou)
 
 
-def _point_prompts(runs: list[ObjectRun]) -> Prompts:
+def _point_prompts(runs: list[ObjectRun]) -> PromptBatch:
     points = np.array([[[c.x, c.y] for c in run.clicks] for run in runs], dtype=np.float64)
     labels = np.array([[int(c.positive) for c in run.clicks] for run in runs], dtype=np.int64)
-    return Prompts(points=points, labels=labels)
+    return PromptBatch(points=points, labels=labels)
 
 
 def _clicked_map(clicks: list[Click], shape: tuple[int, ...]) -> np.ndarray:

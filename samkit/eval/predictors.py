@@ -19,7 +19,7 @@ from samkit.predictor import SamPredictor
 
 
 @dataclass(frozen=True)
-class Prompts:
+class PromptBatch:
     """A batch of B prompt sets for one image, in original-image pixels.
 
     ``points B x N x 2`` XY with ``labels B x N`` (1 foreground, 0 background), ``boxes B x 4``
@@ -62,7 +62,7 @@ class PromptPredictor(Protocol):
     def set_image(self, image: np.ndarray) -> None:
         """Make ``image`` (``H x W x 3`` RGB uint8) the current image."""
 
-    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+    def predict(self, prompts: PromptBatch, multimask: bool) -> Prediction:
         """Masks for each prompt set of the batch; M = 3 with ``multimask`` (when the method
         supports it), else 1."""
 
@@ -78,7 +78,7 @@ class SamPromptPredictor:
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
 
-    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+    def predict(self, prompts: PromptBatch, multimask: bool) -> Prediction:
         logits, scores, low_res = self.predictor.predict_batch(
             prompts.points,
             prompts.labels,
@@ -108,7 +108,7 @@ class OnnxPromptPredictor:
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
 
-    def predict(self, prompts: Prompts, multimask: bool) -> Prediction:
+    def predict(self, prompts: PromptBatch, multimask: bool) -> Prediction:
         outputs = [
             self.predictor.predict(
                 None if prompts.points is None else prompts.points[i],
