@@ -212,6 +212,22 @@ def test_image_without_masks_is_a_zero_mask_sample(tmp_path: Path) -> None:
     assert batch.masks[0].shape[0] == 0
 
 
+def test_an_unreadable_image_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    """A corrupt file in a training folder: a sample without masks (which a step skips)
+    and one warning naming it, not a crashed run."""
+    square = np.zeros((30, 40), np.uint8)
+    square[5:20, 5:25] = 1
+    root = write_folder(tmp_path / "d", [square, square])
+    next(iter(sorted((root / "images").iterdir()))).write_bytes(b"not a picture")
+    dataset = TrainDataset([open_source(str(root))], AugmentConfig(64), seed=0)
+    with pytest.warns(UserWarning, match="unreadable training image #0: .*not an image"):
+        bad = dataset[(0, 0)]
+    assert bad.masks.shape[0] == 0 and bad.image.ndim == 3 and not bad.image.any()
+    assert dataset[(0, 1)].masks.shape[0] == 1  # the readable one is as before
+    batch = collate([bad, dataset[(0, 1)]], 64)
+    assert [len(m) for m in batch.masks] == [0, 1]
+
+
 @pytest.mark.skipif(not SHARED_TRAIN.is_dir(), reason="shared training data not present")
 def test_shared_training_folders_open() -> None:
     for name in ("camvid", "coco128_seg", "weizmann_horse"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -325,8 +326,16 @@ class TrainDataset(Dataset):
 
     def jittered(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Load and augment one image; re-draw the jitter if no usable mask survives (an
-        image without any gives its last draw with no masks, which a step skips)."""
-        source_image, source_masks = self.load(index)
+        image without any gives its last draw with no masks, which a step skips). An
+        unreadable image is such an image (a black one without masks): the run goes on, with
+        one warning naming the file, and the log counts it with the ``empty_images``."""
+        try:
+            source_image, source_masks = self.load(index)
+        except SamkitError as err:
+            warnings.warn(f"skipping unreadable training image #{index}: {err}", stacklevel=2)
+            side = self.aug.image_size
+            source_image = np.zeros((side, side, 3), np.uint8)
+            source_masks = np.zeros((0, side, side), dtype=bool)
         if len(source_masks) == 0:
             source_masks = np.zeros((0, *source_image.shape[:2]), dtype=bool)
         for _ in range(JITTER_ATTEMPTS):
