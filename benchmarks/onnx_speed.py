@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from samkit import SamPredictor, build_sam
-from samkit.onnx_export import export_onnx
-from samkit.onnx_predictor import OnnxSamPredictor, default_session_options
+from samkit.onnx.export import export_onnx
+from samkit.onnx.predictor import OnnxSamPredictor, default_session_options
 
 IMAGE_SIZE = (480, 640)
 

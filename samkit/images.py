@@ -5,12 +5,15 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from samkit.errors import SamkitError
+
+if TYPE_CHECKING:  # only the *_torch methods use torch: reading images does not load it
+    import torch
 
 # SAM works at 1024 px; anything past 100 MP is almost surely a mistake or a decompression bomb.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -114,7 +117,8 @@ class ResizeLongestSide:
         return self.apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size).reshape(-1, 4)
 
     def apply_coords_torch(self, coords: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
-        return coords.float() * coords.new_tensor(self._scale(original_size), dtype=torch.float)
+        coords = coords.float()
+        return coords * coords.new_tensor(self._scale(original_size))
 
     def apply_boxes_torch(self, boxes: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor:
         return self.apply_coords_torch(boxes.reshape(-1, 2, 2), original_size).reshape(-1, 4)
@@ -122,6 +126,8 @@ class ResizeLongestSide:
     def apply_image_torch(self, image: torch.Tensor) -> torch.Tensor:
         """``B x C x H x W`` float -> resized (bilinear, antialiased; close to, not equal to,
         :meth:`apply_image`)."""
+        import torch.nn.functional as F
+
         size = preprocess_shape(image.shape[-2], image.shape[-1], self.target_length)
         return F.interpolate(image, size, mode="bilinear", align_corners=False, antialias=True)
 

@@ -23,8 +23,8 @@ from samkit import SamkitError, SamPredictor, build_sam, cli
 from samkit.build import build_sam_from_config, save_checkpoint
 from samkit.images import preprocess_shape
 from samkit.modeling.sam import Sam
-from samkit.onnx_export import export_onnx
-from samkit.onnx_predictor import OnnxSamPredictor
+from samkit.onnx.export import export_onnx
+from samkit.onnx.predictor import OnnxSamPredictor
 from samkit.registry import SamConfig, ViTConfig, get_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -318,3 +318,11 @@ def test_eval_onnx_folder_must_hold_an_export(tmp_path: Path,
             "--json", str(tmp_path / "r.json")]
     assert cli.main(argv) == 2
     assert "no decoder.onnx" in capsys.readouterr().err
+
+
+def test_graph_label_values_are_the_prompt_encoders() -> None:
+    from samkit.modeling import prompt_encoder
+    from samkit.onnx import names
+
+    for label in ("LABEL_PAD", "LABEL_BOX_TOP_LEFT", "LABEL_BOX_BOTTOM_RIGHT"):
+        assert getattr(names, label) == getattr(prompt_encoder, label)

@@ -31,7 +31,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``samkit export-onnx``: check everything cheap first, then export."""
     from samkit.build import build_sam, is_trained
-    from samkit.onnx_export import check_quantize, export_onnx, require_packages
+    from samkit.onnx.export import check_quantize, export_onnx, require_packages
 
     check_quantize(args.quantize)
     require_packages(args.quantize is not None)

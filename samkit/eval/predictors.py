@@ -95,12 +95,12 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class OnnxPromptPredictor:
-    """An export's graphs (:meth:`~samkit.onnx_predictor.OnnxSamPredictor.from_folder`)
+    """An export's graphs (:meth:`~samkit.onnx.predictor.OnnxSamPredictor.from_folder`)
     behind the :class:`PromptPredictor` interface; the decoder graphs take one prompt set per
     run, so a batch is decoded prompt by prompt."""
 
     def __init__(self, folder: Path, int8: bool, name: str) -> None:
-        from samkit.onnx_predictor import OnnxSamPredictor
+        from samkit.onnx.predictor import OnnxSamPredictor
 
         self.name = name
         self.predictor = OnnxSamPredictor.from_folder(folder, int8=int8)

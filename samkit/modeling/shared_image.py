@@ -37,7 +37,7 @@ class ImageCache:
     kept for every later prompt of the image (``src``, ``pe``: ``1 x N x C``).
 
     :meth:`from_products` rebuilds a full cache from :attr:`products` alone (how the ONNX
-    prompt graph receives the image side, see :mod:`samkit.onnx_export`)."""
+    prompt graph receives the image side, see :mod:`samkit.onnx.export`)."""
 
     def __init__(self, src: torch.Tensor, pe: torch.Tensor) -> None:
         self.src: torch.Tensor | None = src

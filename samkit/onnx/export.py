@@ -46,7 +46,7 @@ from samkit.errors import SamkitError
 from samkit.modeling.prompt_encoder import LABEL_PAD
 from samkit.modeling.sam import Sam, resize_matrix
 from samkit.modeling.shared_image import ImageCache
-from samkit.onnx_format import (
+from samkit.onnx.names import (
     DECODER_FILE, DECODER_IMAGE_FILE, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_PROMPTS_FILE,
     ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS, INFO_FILE, INT8_SUFFIX, META_GRAPH,
     META_IMAGE_SIZE, META_MODEL, PROMPTS_INPUTS)

@@ -16,8 +16,7 @@ import numpy as np
 
 from samkit.errors import SamkitError
 from samkit.images import ResizeLongestSide, preprocess_shape, to_rgb_uint8
-from samkit.modeling.prompt_encoder import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PAD
-from samkit.onnx_format import (
+from samkit.onnx.names import (
     DECODER_FILE,
     DECODER_IMAGE_FILE,
     DECODER_INPUTS,
@@ -26,6 +25,9 @@ from samkit.onnx_format import (
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
     INT8_SUFFIX,
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    LABEL_PAD,
     META_IMAGE_SIZE,
     META_MODEL,
     PROMPTS_INPUTS,

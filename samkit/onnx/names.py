@@ -1,6 +1,6 @@
 """What an exported samkit ONNX folder holds: file names, graph metadata keys, input and
-output names. The contract between the exporter (:mod:`samkit.onnx_export`, which needs
-torch) and :class:`~samkit.onnx_predictor.OnnxSamPredictor` (which needs only onnxruntime).
+output names. The contract between the exporter (:mod:`samkit.onnx.export`, which needs
+torch) and :class:`~samkit.onnx.predictor.OnnxSamPredictor` (which needs only onnxruntime).
 """
 
 from __future__ import annotations
@@ -23,3 +23,8 @@ DECODER_INPUTS = [
 ]
 DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
 PROMPTS_INPUTS = ["point_coords", "point_labels", "mask_index", "orig_im_size"]
+# Point label values the decoder graphs take, as the prompt encoder's (samkit.modeling,
+# which needs torch; tests/test_onnx.py checks they agree): padding and the box corners.
+LABEL_PAD = -1
+LABEL_BOX_TOP_LEFT = 2
+LABEL_BOX_BOTTOM_RIGHT = 3
