@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from samkit import SamkitError, build_sam, is_trained, sam_model_registry
 from samkit.build import (build_sam_from_config, checkpoint_metadata, detect_model_type,
-                          save_checkpoint)
+                          load_state_dict, save_checkpoint)
 from samkit.registry import MODEL_CONFIGS, get_config
 
 
@@ -125,6 +126,48 @@ def test_pickled_code_is_refused(tmp_path) -> None:
     message = str(err.value)
     assert "PosixPath" in message and "\n" not in message  # names what it refused
     assert "weights_only" not in message  # never suggests turning the safe loader off
+
+
+class _Touch:
+    """Unpickling this calls ``Path.touch(marker)``: code a checkpoint must never run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_runs_nothing(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": _Touch(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(SamkitError, match="is not a PyTorch/safetensors checkpoint"):
+        build_sam("vit_t", checkpoint=path)
+    assert not marker.exists()  # refused by the safe loader before anything ran
+
+
+def safetensors_header(tensors: dict) -> bytes:
+    text = json.dumps(tensors).encode()
+    return len(text).to_bytes(8, "little") + text
+
+
+@pytest.mark.parametrize("header", [
+    (2**62).to_bytes(8, "little") + b"{}",  # a header "length" of 4 EiB
+    # a trillion floats claimed, 4 bytes of data
+    safetensors_header({"w": {"dtype": "F32", "shape": [10**12], "data_offsets": [0, 4]}}),
+    # consistent shape and offsets, 4 TB past the end of a 100-byte file
+    safetensors_header({"w": {"dtype": "F32", "shape": [10**6, 10**6],
+                              "data_offsets": [0, 4 * 10**12]}}),
+], ids=["header length", "shape vs offsets", "offsets past the end"])
+def test_absurd_safetensors_headers_are_refused_before_allocating(tmp_path,
+                                                                  header: bytes) -> None:
+    path = tmp_path / "absurd.safetensors"
+    path.write_bytes(header + b"\0" * 16)
+    with pytest.raises(SamkitError, match="is not a PyTorch/safetensors checkpoint") as err:
+        load_state_dict(path)
+    assert "\n" not in str(err.value)
 
 
 def test_missing_checkpoint_and_unknown_model(tmp_path) -> None:
