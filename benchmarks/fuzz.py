@@ -1,9 +1,9 @@
-"""The generated bad-input tests (tests/test_fuzz.py) at a larger count than CI runs.
+"""The generated bad-input tests (tests/test_fuzz*.py) at a larger count than CI runs.
 
     python benchmarks/fuzz.py [--scale 20]
 
-CI runs each property with its bounded count (about 1,100 cases in all); this multiplies
-every count by ``--scale`` (20: about 22,000 cases) and prints pytest's summary. The cases
+CI runs each property with its bounded count (about 1,400 cases in all); this multiplies
+every count by ``--scale`` (20: about 28,000 cases) and prints pytest's summary. The cases
 are derandomised: a given scale always runs the same inputs.
 """
 
@@ -25,7 +25,8 @@ def main() -> int:
     args = parser.parse_args()
     env = os.environ | {"SAMKIT_FUZZ_SCALE": str(args.scale), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-               "--hypothesis-show-statistics", str(REPO / "tests" / "test_fuzz.py")]
+               "--hypothesis-show-statistics", str(REPO / "tests" / "test_fuzz.py"),
+               str(REPO / "tests" / "test_fuzz_api.py")]
     return subprocess.run(command, cwd=REPO, env=env, check=False).returncode
 
 
