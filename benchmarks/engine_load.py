@@ -120,8 +120,8 @@ class Annotator(threading.Thread):
             self.timed("click", "POST", f"{base}/decode", {"points": [point]})
             second = [point, [self.rng.uniform(0, w - 1), self.rng.uniform(0, h - 1), 0]]
             answer = self.timed("click", "POST", f"{base}/decode", {"points": second})
-            if answer:
-                best = answer["masks"][answer["best"]]
+            best = answer["masks"][answer["best"]] if answer else None
+            if best and best["area"] > 0:  # an empty mask is refused (400): a page never sends one
                 created = self.timed("accept", "POST", f"{base}/annotations", {
                     "segmentation": best["segmentation"], "score": best["score"],
                     "prompts": {"points": second}, "seconds": 1.0, "annotator": "bench"})
