@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"samkit.commands.{name}").add_cli(subparsers)
     for command in _leaf_parsers(subparsers):
         command.add_argument("--threads", type=_positive_int, metavar="N",
-                             help="CPU threads for torch (default: one per core not busy with "
-                             "other work, from the load average; see README 'Threads')")
+                             help="CPU threads for torch (default: one per core that other "
+                             "programs leave free, measured as the command starts; see "
+                             "README 'Threads')")
     return parser
 
 

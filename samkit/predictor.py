@@ -18,7 +18,7 @@ from samkit.errors import SamkitError
 from samkit.images import ResizeLongestSide, to_rgb_uint8
 from samkit.modeling.sam import Sam
 from samkit.modeling.shared_image import ImageCache
-from samkit.prompts import MAX_POINTS, check_boxes, check_points
+from samkit.prompts import MAX_POINTS, as_prompt_array, check_boxes, check_points
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -176,9 +176,10 @@ class SamPredictor:
         Returns ``masks C x H x W`` (bool, or float logits with ``return_logits``),
         ``scores C`` and ``low_res_logits C x 256 x 256`` as numpy arrays.
         """
-        coords = None if point_coords is None else _as_tensor(point_coords)[None]
-        labels = None if point_labels is None else _as_tensor(point_labels)[None]
-        boxes = None if box is None else _as_tensor(box).reshape(1, -1)
+        # Prompts stay numpy until predict_batch checks them and moves them once.
+        coords = None if point_coords is None else as_prompt_array(point_coords)[None]
+        labels = None if point_labels is None else as_prompt_array(point_labels)[None]
+        boxes = None if box is None else as_prompt_array(box).reshape(1, -1)
         masks_in = None if mask_input is None else _as_tensor(mask_input)[None]
         masks, scores, low_res = self.predict_batch(
             coords, labels, boxes, masks_in, multimask_output, return_logits

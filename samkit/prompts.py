@@ -133,7 +133,7 @@ def check_points(coords: Any, labels: Any, *, batched: bool,
     """Point prompts as arrays: ``B x N x 2`` XY with ``B x N`` labels (``batched``), or
     ``N x 2`` with ``N``, and ``N <= max_points``. Returns float32 coordinates and int64
     labels."""
-    coords, labels = _numpy(coords), _numpy(labels)
+    coords, labels = as_prompt_array(coords), as_prompt_array(labels)
     shape = "B x N x 2" if batched else "N x 2"
     if coords.ndim != (3 if batched else 2) or coords.shape[-1] != 2:
         raise SamkitError(f"point coordinates must be {shape}, got {tuple(coords.shape)}")
@@ -151,7 +151,7 @@ def check_points(coords: Any, labels: Any, *, batched: bool,
 
 def check_boxes(boxes: Any) -> np.ndarray:
     """Box prompts as a ``B x 4`` XYXY array (a single box ``4`` is ``1 x 4``); float32."""
-    boxes = _numpy(boxes)
+    boxes = as_prompt_array(boxes)
     if boxes.ndim == 1:
         boxes = boxes[None]
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
@@ -163,8 +163,9 @@ def check_boxes(boxes: Any) -> np.ndarray:
     return boxes.astype(np.float32)
 
 
-def _numpy(values: Any) -> np.ndarray:
-    """An array of ``values`` (numpy, nested lists, or a torch tensor on any device)."""
+def as_prompt_array(values: Any) -> np.ndarray:
+    """A numpy array of prompt ``values`` (numpy, nested lists, or a torch tensor on any
+    device); anything that is not one numeric array is a one-line error."""
     if hasattr(values, "detach"):  # a torch tensor: prompts are small, the copy is cheap
         values = values.detach().cpu().numpy()
     try:
