@@ -40,6 +40,9 @@ class HedConfig:
     """HED's VGG16 blocks 1-4 (frozen, pretrained) + a small trainable neck: samkit-tiny's
     encoder (``samkit.modeling.hed_encoder``). It takes RGB minus HED's pixel mean."""
 
+    neck_blocks: int = 0  # global self-attention blocks over the embedding grid, after the conv
+    stem_int8: bool = False  # the frozen stem's conv weights are int8 (per output channel)
+
 
 @dataclass(frozen=True)
 class SamConfig:

@@ -14,7 +14,8 @@ from PIL import Image
 from samkit.errors import SamkitError
 from samkit.eval.clicks import first_click, mask_box, mask_iou, next_click
 from samkit.eval.common import ErrorLog
-from samkit.eval.datasets import Sample, open_dataset, read_mask_objects
+from samkit.data.masks import read_mask_objects
+from samkit.eval.datasets import Sample, open_dataset
 from samkit.eval.grabcut import GrabCutPredictor
 from samkit.eval.instances import load_detections, run_instances
 from samkit.eval.points import PointsEvaluator, run_points
@@ -263,7 +264,7 @@ def test_objects_of_an_image_are_prompted_together_with_feedback():
 
 
 def _object(mask: np.ndarray):
-    from samkit.eval.datasets import ObjectMask
+    from samkit.data.masks import ObjectMask
 
     return ObjectMask(mask, None, "obj")
 

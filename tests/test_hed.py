@@ -119,3 +119,70 @@ def test_encoder_shapes_and_stem_split() -> None:
         out = encoder(x)
     assert out.shape == (2, 256, 16, 16)
     torch.testing.assert_close(out, encoder.head(block3, block4))
+
+
+def test_a_new_neck_block_is_the_identity_until_trained() -> None:
+    from samkit.modeling.hed_encoder import NeckBlock
+
+    torch.manual_seed(0)
+    block = NeckBlock(64, num_heads=4)
+    x = torch.randn(2, 64, 20, 20)
+    assert torch.equal(block(x), x)
+    out = block(x)
+    out.sum().backward()
+    assert block.proj.weight.grad.abs().sum() > 0  # training starts it moving
+    torch.nn.init.normal_(block.proj.weight, std=0.1)
+    moved = block(x)
+    assert moved.shape == x.shape and not torch.allclose(moved, x)
+    # Global attention: a change in one corner cell reaches the opposite corner.
+    y = x.clone()
+    y[0, :, 0, 0] = torch.randn(64)
+    assert not torch.allclose(block(y)[0, :, -1, -1], moved[0, :, -1, -1])
+
+
+def test_int8_storage_round_trip() -> None:
+    from samkit.modeling.quant import dequantize_int8, quantize_int8, round_int8
+
+    torch.manual_seed(0)
+    weight = torch.randn(16, 8, 3, 3) * torch.linspace(0.01, 2.0, 16)[:, None, None, None]
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and scale.shape == (16,)
+    assert int(q.abs().amax()) == 127  # every channel uses its full range
+    back = dequantize_int8(q, scale)
+    assert ((back - weight).abs() <= scale[:, None, None, None] / 2 + 1e-7).all()
+    once = round_int8(weight)
+    torch.testing.assert_close(round_int8(once), once, rtol=1e-6, atol=0)
+    zero = torch.zeros(2, 3, 1, 1)
+    assert torch.equal(round_int8(zero), zero)  # no division by a zero scale
+
+
+def test_int8_stem_is_stored_as_int8_and_loads_strictly(tmp_path: Path) -> None:
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from samkit.build import INT8_SCALE_SUFFIX, build_sam, save_checkpoint
+
+    base = get_config("samkit-tiny")
+    cfg = dataclasses.replace(base, encoder=dataclasses.replace(base.encoder, neck_blocks=1,
+                                                                 stem_int8=True),
+                              bundled_weights=None)
+    torch.manual_seed(0)
+    sam = build_sam_from_config(cfg)
+    sam.image_encoder.round_stem_to_int8()
+    int8_names = sam.image_encoder.int8_weight_names()
+    assert len(int8_names) == 10  # the stem's ten 3 x 3 convs
+    half = save_checkpoint(sam, tmp_path / "int8.safetensors", half=True)
+    with safe_open(str(half), framework="pt") as f:
+        stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    for name in int8_names:
+        assert stored[f"image_encoder.{name}"] == "I8"
+        assert stored[f"image_encoder.{name}{INT8_SCALE_SUFFIX}"] == "F32"
+    assert stored["image_encoder.neck.blocks.0.qkv.weight"] == "F16"
+    sam.image_encoder.stem_int8 = False
+    fp16 = save_checkpoint(sam, tmp_path / "fp16.safetensors", half=True)
+    assert half.stat().st_size < 0.8 * fp16.stat().st_size
+    loaded = build_sam(cfg, half)  # strict
+    own, back = sam.state_dict(), loaded.state_dict()
+    for name in int8_names:
+        assert torch.equal(back[f"image_encoder.{name}"], own[f"image_encoder.{name}"])

@@ -26,7 +26,6 @@ from samkit.train.data import (
     large_scale_jitter,
     open_source,
     select_masks,
-    split_id_mask,
 )
 
 SHARED_TRAIN = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "train"
@@ -43,14 +42,33 @@ def write_folder(root: Path, masks: list[np.ndarray], size: tuple[int, int] = (3
     return root
 
 
-def test_split_id_mask_binary_and_ids() -> None:
-    binary = np.zeros((4, 5), np.uint8)
-    binary[1:3, 1:4] = 255
-    assert split_id_mask(binary).shape == (1, 4, 5)
-    ids = np.array([[0, 1, 1], [2, 2, 0], [3, 0, 0]], np.uint8)
-    masks = split_id_mask(ids)
-    assert masks.shape == (3, 3, 3) and masks.dtype == bool
-    assert masks.sum(axis=(1, 2)).tolist() == [2, 2, 1]
+def test_training_and_evaluation_read_a_mask_folder_alike(tmp_path: Path) -> None:
+    """One mask rule (samkit.data.masks): a 0/255 mask, GrabCut's 0/128/255 (the 128 band is
+    not object), an id map and a palette PNG with 255 = void give training exactly the
+    objects evaluation scores."""
+    from samkit.eval.datasets import open_dataset
+
+    binary = np.zeros((30, 40), np.uint8)
+    binary[2:10, 3:20] = 255
+    grabcut = binary.copy()
+    grabcut[10:12, 3:20] = 128
+    ids = np.zeros((30, 40), np.uint8)
+    ids[2:10, 3:20], ids[15:25, 5:35] = 1, 7
+    root = write_folder(tmp_path / "d", [binary, grabcut, ids])
+    palette = Image.fromarray(np.where(ids == 7, 255, ids).astype(np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
+    palette.save(root / "masks" / "im3.png")
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / "images" / "im3.png")
+    source = FolderSource(root)
+    dataset = open_dataset(root)
+    counts = []
+    for index, item in enumerate(dataset.items):
+        _, masks = source.load(index)
+        expected = [o.mask for o in item.load().objects]
+        assert len(masks) == len(expected)
+        assert all(np.array_equal(m, e) for m, e in zip(masks, expected, strict=True))
+        counts.append(len(masks))
+    assert counts == [1, 1, 2, 1]  # the 128 band and the palette's void are not objects
 
 
 def test_folder_source(tmp_path: Path) -> None:

@@ -1,1 +1,3 @@
-"""Datasets: readers for mask annotations on disk (SA-1B and ``samkit everything`` output)."""
+"""Dataset readers shared by training and evaluation: mask PNG folders (the one mask rule,
+:mod:`samkit.data.masks`), COCO instances (:mod:`samkit.data.coco`), SA-1B and
+``samkit everything`` output (:mod:`samkit.data.sa1b`)."""

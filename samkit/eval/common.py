@@ -1,10 +1,13 @@
-"""Pieces every protocol shares: the per-item error log and the sample loop."""
+"""Pieces every protocol shares: the per-item error log, the sample loop and the
+method loop (every method on every image, each image loaded once)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
@@ -45,3 +48,35 @@ def samples(dataset: Dataset, log: ErrorLog, desc: str = "") -> Iterator[Sample]
         for reason in sample.errors:
             log.add(dataset.name, item.name, reason)
         yield sample
+
+
+class MethodLoop:
+    """Runs each of ``methods`` (``(name, fn(sample))``) on each sample of a dataset and
+    yields ``(sample, name, output)``. A method's ``SamkitError`` on a sample is one logged
+    line and skips only that pair. Afterwards :attr:`seconds` holds each method's own time
+    (the caller's work on an output is not counted) and :attr:`images` the samples at least
+    one method succeeded on."""
+
+    def __init__(self, methods: Sequence[tuple[str, Callable[[Sample], Any]]]) -> None:
+        self.methods = list(methods)
+        self.seconds = dict.fromkeys((name for name, _ in self.methods), 0.0)
+        self.images = 0
+
+    def run(self, dataset: Dataset, log: ErrorLog, desc: str,
+            keep: Callable[[Sample], bool] = lambda sample: True,
+            ) -> Iterator[tuple[Sample, str, Any]]:
+        for sample in samples(dataset, log, desc):
+            if not keep(sample):
+                continue
+            evaluated = False
+            for name, method in self.methods:
+                start = time.perf_counter()
+                try:
+                    output = method(sample)
+                except SamkitError as err:
+                    log.add(dataset.name, sample.name, f"{name}: {one_line(err)}")
+                    continue
+                self.seconds[name] += time.perf_counter() - start
+                evaluated = True
+                yield sample, name, output
+            self.images += evaluated

@@ -3,13 +3,10 @@
 Three layouts:
 
 * **mask folders** (GrabCut, COCO_MVal, DAVIS-style): ``images/<stem>.<ext>`` and
-  ``masks/<stem>.png`` of the same size. A palette (``P`` mode) PNG gives one object per palette
-  index (0 is background, 255 is "void" and left out of the IoU, as in DAVIS / PASCAL VOC). A
-  gray PNG holding only 0 / 255 is one object; one holding 0 / 128 / 255 is GrabCut-style, 128
-  marking the unlabelled band around the boundary that is left out of the IoU; any other gray
-  PNG is an id mask, one object per non-zero value.
+  ``masks/<stem>.png`` of the same size, read by the rule training uses too
+  (:mod:`samkit.data.masks`: palette, 0/255, GrabCut's 0/128/255, id masks).
 * **COCO instances**: ``annotations/instances.json`` (or the only ``*.json`` there) and
-  ``images/<file_name>``; every non-crowd annotation is an object.
+  ``images/<file_name>``; every non-crowd annotation is an object (:mod:`samkit.data.coco`).
 * **BSDS500**: ``images/<id>.jpg`` and ``groundTruth/<id>.mat`` with the human boundary maps.
 
 Loading an item raises :class:`~samkit.errors.SamkitError` with a one-line reason; objects
@@ -19,34 +16,18 @@ the rest of the image is still evaluated.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from samkit.data.coco import image_objects, open_coco
+from samkit.data.masks import ObjectMask, read_mask_objects
 from samkit.errors import SamkitError
 from samkit.images import load_image
 from samkit.io import image_files
-
-GRABCUT_IGNORE = 128
-VOID_INDEX = 255
-
-
-@dataclass(frozen=True)
-class ObjectMask:
-    """One ground-truth object: ``mask`` and optional ``ignore`` (both ``H x W`` bool);
-    ignored pixels count neither for the IoU nor as click errors."""
-
-    mask: np.ndarray
-    ignore: np.ndarray | None
-    label: str
-
 
 @dataclass
 class Sample:
@@ -135,58 +116,11 @@ def _mask_loader(stem: str, image_path: Path, mask_path: Path) -> Callable[[], S
             raise SamkitError(f"no mask file masks/{mask_path.name}")
         image = load_image(image_path)
         objects = read_mask_objects(mask_path, image.shape[:2])
+        if not objects:
+            raise SamkitError(f"mask {mask_path.name} has no object pixels")
         return Sample(stem, image, objects=objects)
 
     return load
-
-
-def read_mask_objects(path: Path, size: tuple[int, int]) -> list[ObjectMask]:
-    """The objects of a mask PNG (see the module docstring for the encodings)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode, array = im.mode, np.asarray(im)
-    except (OSError, ValueError) as err:
-        raise SamkitError(f"cannot read mask {path.name}: {str(err).splitlines()[0]}") from None
-    if array.shape[:2] != size:
-        raise SamkitError(
-            f"mask {path.name} is {array.shape[1]}x{array.shape[0]} but the image is "
-            f"{size[1]}x{size[0]}"
-        )
-    if mode == "P":
-        objects = _palette_objects(array)
-    else:
-        objects = _gray_objects(_as_gray(array, path.name))
-    if not objects:
-        raise SamkitError(f"mask {path.name} has no object pixels")
-    return objects
-
-
-def _as_gray(array: np.ndarray, name: str) -> np.ndarray:
-    if array.ndim == 3:
-        if not (array[..., :3] == array[..., :1]).all():
-            raise SamkitError(
-                f"mask {name} is a colour image; use a gray (0/255, ids) or palette PNG"
-            )
-        array = array[..., 0]
-    return array.astype(np.int64)
-
-
-def _palette_objects(index: np.ndarray) -> list[ObjectMask]:
-    void = index == VOID_INDEX
-    ignore = void if void.any() else None
-    ids = [int(v) for v in np.unique(index) if v not in (0, VOID_INDEX)]
-    return [ObjectMask(index == i, ignore, f"palette index {i}") for i in ids]
-
-
-def _gray_objects(gray: np.ndarray) -> list[ObjectMask]:
-    values = set(np.unique(gray).tolist())
-    if values <= {0, 255}:
-        return [ObjectMask(gray == 255, None, "foreground")] if 255 in values else []
-    if values <= {0, GRABCUT_IGNORE, 255}:
-        band = gray == GRABCUT_IGNORE
-        return [ObjectMask(gray == 255, band, "foreground")] if 255 in values else []
-    return [ObjectMask(gray == v, None, f"id {v}") for v in sorted(values - {0})]
 
 
 # ---------------------------------------------------------------------------- COCO
@@ -194,39 +128,13 @@ def coco_dataset(root: Path) -> Dataset:
     """COCO instances: the annotation file is parsed and checked now (a malformed file fails
     the whole dataset; an annotation whose segmentation cannot be decoded is reported and
     dropped, so COCOeval never trips on it), images are read per item."""
-    from pycocotools.coco import COCO
-
-    ann_file = _annotation_file(root / "annotations")
-    coco = COCO()
-    coco.dataset = _read_coco_json(ann_file)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    errors = _drop_undecodable(coco)
+    coco, errors = open_coco(_annotation_file(root / "annotations"))
     image_dir = root / "images" if (root / "images").is_dir() else root
     items = [
         Item(str(coco.imgs[i].get("file_name", i)), _coco_loader(coco, i, image_dir))
         for i in sorted(coco.imgs)
     ]
     return Dataset(root.name, root, "coco", items, errors=errors, coco=coco)
-
-
-def _drop_undecodable(coco: Any) -> list[str]:
-    """Remove annotations pycocotools cannot turn into a mask; one message per removal."""
-    errors, good = [], []
-    for ann in coco.dataset["annotations"]:
-        try:
-            if ann["image_id"] not in coco.imgs:
-                raise ValueError(f"unknown image_id {ann['image_id']}")
-            coco.annToRLE(ann)
-            good.append(ann)
-        except Exception as err:  # malformed polygon / RLE / fields: this annotation only
-            name = coco.imgs.get(ann.get("image_id"), {}).get("file_name", ann.get("image_id"))
-            errors.append(f"{name}: annotation {ann['id']}: bad segmentation ({err})")
-    if errors:
-        coco.dataset["annotations"] = good
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
-    return errors
 
 
 def _annotation_file(folder: Path) -> Path:
@@ -241,25 +149,6 @@ def _annotation_file(folder: Path) -> Path:
     return candidates[0]
 
 
-def _read_coco_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SamkitError(f"cannot read COCO annotations {path}: {err}") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(data.get(key), list) for key in ("images", "annotations", "categories")
-    ):
-        raise SamkitError(
-            f"{path} is not a COCO instances file (needs lists 'images', 'annotations', "
-            "'categories')"
-        )
-    for key in ("images", "annotations"):
-        bad = [entry for entry in data[key] if not isinstance(entry, dict) or "id" not in entry]
-        if bad:
-            raise SamkitError(f"{path}: {len(bad)} {key} entries without an 'id'")
-    return data
-
-
 def _coco_loader(coco: Any, image_id: int, image_dir: Path) -> Callable[[], Sample]:
     def load() -> Sample:
         info = coco.imgs[image_id]
@@ -271,16 +160,8 @@ def _coco_loader(coco: Any, image_id: int, image_dir: Path) -> Callable[[], Samp
                 f"annotation says {expected[1]}x{expected[0]} but the image is "
                 f"{image.shape[1]}x{image.shape[0]}"
             )
-        sample = Sample(name, image, image_id=image_id)
-        for ann in coco.imgToAnns.get(image_id, []):
-            if ann.get("iscrowd", 0):
-                continue  # crowd regions are not single objects
-            mask = coco.annToMask(ann).astype(bool)
-            if not mask.any():
-                sample.errors.append(f"annotation {ann['id']}: empty mask")
-                continue
-            sample.objects.append(ObjectMask(mask, None, f"annotation {ann['id']}"))
-        return sample
+        objects, errors = image_objects(coco, image_id)
+        return Sample(name, image, objects=objects, errors=errors, image_id=image_id)
 
     return load
 

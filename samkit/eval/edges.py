@@ -35,7 +35,6 @@ threshold = high / 2; Canny thins its own edges, so no further NMS).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,8 +43,8 @@ import cv2
 import numpy as np
 import torch
 
-from samkit.errors import SamkitError, one_line
-from samkit.eval.common import ErrorLog, samples
+from samkit.errors import SamkitError
+from samkit.eval.common import ErrorLog, MethodLoop
 from samkit.eval.datasets import Dataset
 from samkit.eval.predictors import PromptPredictor, PromptBatch
 from samkit.masks import batched_mask_to_box, batched_nms, build_point_grid
@@ -348,23 +347,12 @@ def _run_dataset(
     thrs: np.ndarray, max_dist: float,
 ) -> dict[str, Any]:
     counts: dict[str, list[BoundaryCounts]] = {name: [] for name, _ in methods}
-    seconds = dict.fromkeys(counts, 0.0)
-    images = 0
-    for sample in samples(dataset, log, desc=f"edges {dataset.name}"):
-        evaluated = False
-        for name, method in methods:
-            start = time.perf_counter()
-            try:
-                edge = method(sample.image)
-            except SamkitError as err:
-                log.add(dataset.name, sample.name, f"{name}: {one_line(err)}")
-                continue
-            seconds[name] += time.perf_counter() - start
-            counts[name].append(boundary_counts(edge, sample.boundaries, thrs, max_dist))
-            evaluated = True
-        images += evaluated
+    loop = MethodLoop([(name, lambda sample, method=method: method(sample.image))
+                       for name, method in methods])
+    for sample, name, edge in loop.run(dataset, log, desc=f"edges {dataset.name}"):
+        counts[name].append(boundary_counts(edge, sample.boundaries, thrs, max_dist))
     results = {}
     for name, per_image in counts.items():
         results[name] = edge_scores(per_image, thrs)
-        results[name]["edge_seconds"] = round(seconds[name], 3)
-    return {"images_evaluated": images, "methods": results}
+        results[name]["edge_seconds"] = round(loop.seconds[name], 3)
+    return {"images_evaluated": loop.images, "methods": results}

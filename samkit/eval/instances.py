@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from samkit.errors import SamkitError, one_line
+from samkit.errors import SamkitError
 from samkit.eval.cocoeval import (
     average_precisions,
     precision_recall_curve,
     run_cocoeval,
 )
-from samkit.eval.common import ErrorLog, samples
+from samkit.eval.common import ErrorLog, MethodLoop
 from samkit.eval.datasets import Dataset, Sample
 from samkit.eval.predictors import PromptPredictor, PromptBatch
 from samkit.rle import to_coco_rle
@@ -168,20 +168,17 @@ def _run_dataset(
         by_image[d.image_id].append(d)
     results: dict[str, list[dict[str, Any]]] = {p.name: [] for p in predictors}
     image_ids: dict[str, list[int]] = {p.name: [] for p in predictors}
-    seconds = dict.fromkeys(results, 0.0)
-    for sample in samples(dataset, log, desc=f"instances {dataset.name}"):
-        assert sample.image_id is not None
-        for predictor in predictors:
-            start = time.perf_counter()
-            try:
-                masks = segment_detections(predictor, sample, by_image[sample.image_id],
-                                           score_mode)
-            except SamkitError as err:
-                log.add(dataset.name, sample.name, f"{predictor.name}: {one_line(err)}")
-                continue
-            seconds[predictor.name] += time.perf_counter() - start
-            results[predictor.name].extend(masks)
-            image_ids[predictor.name].append(sample.image_id)
+
+    def segmenter(predictor: PromptPredictor) -> Callable[[Sample], list[dict[str, Any]]]:
+        def segment(sample: Sample) -> list[dict[str, Any]]:
+            assert sample.image_id is not None
+            return segment_detections(predictor, sample, by_image[sample.image_id], score_mode)
+        return segment
+
+    loop = MethodLoop([(p.name, segmenter(p)) for p in predictors])
+    for sample, name, masks in loop.run(dataset, log, desc=f"instances {dataset.name}"):
+        results[name].extend(masks)
+        image_ids[name].append(sample.image_id)
     methods = {}
     for name in results:
         evaluator = run_cocoeval(dataset.coco, results[name], image_ids[name], use_cats=True)
@@ -190,12 +187,11 @@ def _run_dataset(
             "masks": len(results[name]),
             **average_precisions(evaluator),
             "pr_curve": precision_recall_curve(evaluator),
-            "seconds": round(seconds[name], 3),
+            "seconds": round(loop.seconds[name], 3),
         }
     known = set(dataset.coco.imgs)
-    evaluated = max((len(ids) for ids in image_ids.values()), default=0)
     return {
-        "images_evaluated": evaluated,
+        "images_evaluated": loop.images,
         "detections": sum(len(v) for k, v in by_image.items() if k in known),
         "detections_for_unknown_images": sum(len(v) for k, v in by_image.items()
                                              if k not in known),

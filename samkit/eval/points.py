@@ -17,16 +17,16 @@ still going have the same number of clicks).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from samkit.errors import SamkitError, one_line
+from samkit.errors import SamkitError
 from samkit.eval.clicks import Click, first_click, mask_box, mask_iou, next_click
-from samkit.eval.common import ErrorLog, samples
-from samkit.eval.datasets import Dataset, ObjectMask, Sample
+from samkit.eval.common import ErrorLog, MethodLoop
+from samkit.data.masks import ObjectMask
+from samkit.eval.datasets import Dataset, Sample
 from samkit.eval.predictors import Prediction, PromptPredictor, PromptBatch
 
 CURVE_CLICKS = (1, 2, 3, 5, 9)
@@ -198,25 +198,12 @@ def _run_dataset(
 ) -> dict[str, Any]:
     runs: dict[str, list[ObjectRun]] = {ev.predictor.name: [] for ev in evaluators}
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
-    seconds = dict.fromkeys(runs, 0.0)
-    images = 0
-    for sample in samples(dataset, log, desc=f"points {dataset.name}"):
-        if not sample.objects:
-            continue
-        evaluated = False
-        for ev in evaluators:
-            name = ev.predictor.name
-            start = time.perf_counter()
-            try:
-                image_runs = ev.evaluate(sample)
-            except SamkitError as err:
-                log.add(dataset.name, sample.name, f"{name}: {one_line(err)}")
-                continue
-            seconds[name] += time.perf_counter() - start
-            runs[name].extend(image_runs)
-            records[name].extend(r.record(sample.name) for r in image_runs)
-            evaluated = True
-        images += evaluated
+    loop = MethodLoop([(ev.predictor.name, ev.evaluate) for ev in evaluators])
+    for sample, name, image_runs in loop.run(dataset, log, desc=f"points {dataset.name}",
+                                             keep=lambda sample: bool(sample.objects)):
+        runs[name].extend(image_runs)
+        records[name].extend(r.record(sample.name) for r in image_runs)
+    seconds = loop.seconds
     methods = {}
     for name, method_runs in runs.items():
         metrics = summarize(method_runs, max_clicks)
@@ -226,4 +213,4 @@ def _run_dataset(
         )
         metrics["per_object"] = records[name]
         methods[name] = metrics
-    return {"images_evaluated": images, "methods": methods}
+    return {"images_evaluated": loop.images, "methods": methods}

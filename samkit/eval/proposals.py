@@ -15,13 +15,11 @@ mean score.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
-from samkit.errors import SamkitError, one_line
 from samkit.eval.cocoeval import average_recalls, run_cocoeval
-from samkit.eval.common import ErrorLog, samples
+from samkit.eval.common import ErrorLog, MethodLoop
 from samkit.eval.datasets import Dataset
 from samkit.rle import to_coco_rle
 
@@ -73,19 +71,12 @@ def _run_dataset(
 ) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in methods}
     image_ids: dict[str, list[int]] = {name: [] for name in results}
-    seconds = dict.fromkeys(results, 0.0)
-    for sample in samples(dataset, log, desc=f"proposals {dataset.name}"):
+    loop = MethodLoop([(name, lambda sample, generate=generate: generate(sample.image))
+                       for name, generate in methods])
+    for sample, name, records in loop.run(dataset, log, desc=f"proposals {dataset.name}"):
         assert sample.image_id is not None
-        for name, generate in methods:
-            start = time.perf_counter()
-            try:
-                records = generate(sample.image)
-            except SamkitError as err:
-                log.add(dataset.name, sample.name, f"{name}: {one_line(err)}")
-                continue
-            seconds[name] += time.perf_counter() - start
-            results[name].extend(image_proposals(records, sample.image_id))
-            image_ids[name].append(sample.image_id)
+        results[name].extend(image_proposals(records, sample.image_id))
+        image_ids[name].append(sample.image_id)
     methods_out = {}
     for name in results:
         evaluator = run_cocoeval(dataset.coco, results[name], image_ids[name], use_cats=False,
@@ -94,7 +85,6 @@ def _run_dataset(
             "images": len(image_ids[name]),
             "proposals": len(results[name]),
             **average_recalls(evaluator, MAX_DETS),
-            "seconds": round(seconds[name], 3),
+            "seconds": round(loop.seconds[name], 3),
         }
-    evaluated = max((len(ids) for ids in image_ids.values()), default=0)
-    return {"images_evaluated": evaluated, "methods": methods_out}
+    return {"images_evaluated": loop.images, "methods": methods_out}

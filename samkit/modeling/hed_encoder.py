@@ -12,6 +12,9 @@ Why this shape (docs/samkit-tiny.md has the measurements):
 * The stem is frozen: its features are the expensive part and can be computed once per
   training image (:meth:`stem`), so a training step pays only for :meth:`head` and the
   decoder.
+* SAM's decoder has no pixel-to-pixel attention: which cells belong together must already be
+  in the embedding. Optional :class:`NeckBlock` s (global self-attention over the grid's
+  cells) give the neck that reach; a 3 x 3 conv over VGG features alone sees a few cells.
 
 Input: ``B x 3 x S x S``, RGB minus HED's pixel mean (``Sam(pixel_mean=HED_PIXEL_MEAN,
 pixel_std=HED_PIXEL_STD)`` does that), zero-padded like every SAM input.
@@ -23,11 +26,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.modeling.common import LayerNorm2d
+from samkit.modeling.common import LayerNorm2d, Linear, MLPBlock
 from samkit.modeling.hed import VGG16Features
+from samkit.modeling.quant import round_int8
 
 STEM_BLOCKS = 4
 BLOCK3_CHANS, BLOCK4_CHANS = 256, 512
+
+
+class NeckBlock(nn.Module):
+    """``B x C x g x g -> B x C x g x g``: a pre-norm transformer block with global
+    self-attention over the ``g * g`` cells, after a depthwise 3 x 3 conv that gives the
+    cells their position (CPVT's positional-encoding generator: no fixed grid size).
+
+    The three residual branches' output layers start at zero, so a new block is the
+    identity: added to a trained model it changes nothing until training gives it a use.
+    """
+
+    def __init__(self, dim: int = 256, num_heads: int = 8, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.pos = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, mlp_ratio * dim)
+        for layer in (self.pos, self.proj, self.mlp.lin2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x = (x + self.pos(x)).flatten(2).transpose(1, 2)  # B x N x C
+        # B x N x 3 x heads x d -> 3 x B x heads x N x d
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, h * w, 3, self.num_heads, -1).permute(
+            2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        x = x + self.proj(attended)
+        x = x + self.mlp(self.norm2(x))
+        return x.transpose(1, 2).reshape(b, c, h, w)
 
 
 class HedNeck(nn.Module):
@@ -35,30 +73,35 @@ class HedNeck(nn.Module):
 
     Block 4 is projected to ``out`` channels; block 3 is projected to ``out / 4`` and its
     2 x 2 cells stacked into channels (pixel unshuffle), then added. A 3 x 3 conv mixes
-    neighbours; LayerNorms as in SAM's own neck.
+    neighbours; LayerNorms as in SAM's own neck; then ``num_blocks`` :class:`NeckBlock` s.
     """
 
-    def __init__(self, out_chans: int = 256) -> None:
+    def __init__(self, out_chans: int = 256, num_blocks: int = 0) -> None:
         super().__init__()
         self.proj4 = nn.Conv2d(BLOCK4_CHANS, out_chans, 1)
         self.proj3 = nn.Conv2d(BLOCK3_CHANS, out_chans // 4, 1)
         self.norm1 = LayerNorm2d(out_chans)
         self.conv = nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False)
         self.norm2 = LayerNorm2d(out_chans)
+        self.blocks = nn.Sequential(*(NeckBlock(out_chans) for _ in range(num_blocks)))
 
     def forward(self, block3: torch.Tensor, block4: torch.Tensor) -> torch.Tensor:
         x = self.proj4(block4) + F.pixel_unshuffle(self.proj3(block3), 2)
-        return self.norm2(self.conv(F.gelu(self.norm1(x))))
+        return self.blocks(self.norm2(self.conv(F.gelu(self.norm1(x)))))
 
 
 class HedEncoder(nn.Module):
     """``B x 3 x S x S -> B x out_chans x S/16 x S/16``; ``forward = head(*stem(x))``."""
 
-    def __init__(self, img_size: int = 512, out_chans: int = 256) -> None:
+    def __init__(self, img_size: int = 512, out_chans: int = 256, neck_blocks: int = 0,
+                 stem_int8: bool = False) -> None:
         super().__init__()
         self.img_size = img_size
         self.features = VGG16Features(STEM_BLOCKS)
-        self.neck = HedNeck(out_chans)
+        self.neck = HedNeck(out_chans, neck_blocks)
+        # The stem's conv weights are int8 values times a per-channel scale (what a shipped
+        # file stores, half the bytes of fp16): see int8_weight_names and round_stem_to_int8.
+        self.stem_int8 = stem_int8
 
     @property
     def stem_frozen(self) -> bool:
@@ -80,6 +123,22 @@ class HedEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(*self.stem(x))
+
+
+    def int8_weight_names(self) -> list[str]:
+        """The stem's conv weights (names within this module) when they are int8-valued."""
+        if not self.stem_int8:
+            return []
+        return [f"features.{name}" for name, p in self.features.named_parameters()
+                if name.endswith("weight") and p.dim() == 4]
+
+    @torch.no_grad()
+    def round_stem_to_int8(self) -> None:
+        """Make the stem's conv weights int8-valued (:func:`samkit.modeling.quant.round_int8`)
+        so a file storing them as int8 loses nothing; a no-op unless ``stem_int8``."""
+        params = dict(self.named_parameters())
+        for name in self.int8_weight_names():
+            params[name].copy_(round_int8(params[name]))
 
 
 def load_hed_stem(encoder: HedEncoder, hed_state: dict[str, torch.Tensor]) -> None:

