@@ -82,21 +82,35 @@ class SA1BDataset:
                 annotations=list(record["annotations"]),
                 record=record,
             )
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as err:
             raise SamkitError(f"bad annotation file {json_path}: {err!r}") from None
 
 
 def decode_masks(record: SA1BSample | Mapping[str, Any]) -> np.ndarray:
-    """All masks of a sample (or a parsed JSON record) as ``N x H x W`` bool."""
+    """All masks of a sample (or a parsed JSON record) as ``N x H x W`` bool.
+
+    Every RLE is checked first (:func:`samkit.rle.parse_rle`: its size is the image's, its
+    runs cover the image exactly), so a malformed file is a :class:`SamkitError` naming it,
+    never pycocotools reading past a buffer."""
     from pycocotools import mask as mask_utils
 
+    from samkit.images import DEFAULT_MAX_PIXELS
+    from samkit.rle import parse_rle
+
+    source = record.json_path if isinstance(record, SA1BSample) else "record"
     if isinstance(record, SA1BSample):
         record = record.record
-    height, width = int(record["image"]["height"]), int(record["image"]["width"])
-    # pycocotools takes the JSON form (str counts) as is.
-    rles = [a["segmentation"] for a in record["annotations"]]
+    try:
+        height, width = int(record["image"]["height"]), int(record["image"]["width"])
+        if not (0 < height and 0 < width and height * width <= DEFAULT_MAX_PIXELS):
+            raise SamkitError(f"image size {width}x{height} is not a real image's")
+        rles = [parse_rle(a["segmentation"], height, width)["segmentation"]
+                for a in record["annotations"]]
+    except SamkitError as err:
+        raise SamkitError(f"bad annotation file {source}: {err}") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
+        raise SamkitError(f"bad annotation file {source}: {err!r}") from None
     if not rles:
         return np.zeros((0, height, width), dtype=bool)
     # pycocotools stacks masks last (H x W x N).
     return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1).astype(bool))
-
