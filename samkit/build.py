@@ -22,12 +22,15 @@ from samkit.modeling.hed import HED_PIXEL_MEAN, HED_PIXEL_STD
 from samkit.modeling.image_encoder import ImageEncoderViT
 from samkit.modeling.mask_decoder import MaskDecoder
 from samkit.modeling.prompt_encoder import PromptEncoder
+from samkit.modeling.quant import dequantize_int8, quantize_int8
 from samkit.modeling.sam import PIXEL_MEAN, PIXEL_STD, Sam
 from samkit.modeling.transformer import TwoWayTransformer
 from samkit.registry import (DEFAULT_MODEL, MODEL_CONFIGS, HedConfig, SamConfig, ViTConfig,
                              get_config)
 
 BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# A tensor stored as int8 has its per-channel fp32 scale under its name + this suffix.
+INT8_SCALE_SUFFIX = ".int8_scale"
 
 
 def build_image_encoder(cfg: SamConfig, drop_path_rate: float = 0.0) -> nn.Module:
@@ -48,7 +51,8 @@ def build_image_encoder(cfg: SamConfig, drop_path_rate: float = 0.0) -> nn.Modul
     if isinstance(enc, HedConfig):
         from samkit.modeling.hed_encoder import HedEncoder
 
-        return HedEncoder(img_size=cfg.image_size, out_chans=cfg.prompt_embed_dim)
+        return HedEncoder(img_size=cfg.image_size, out_chans=cfg.prompt_embed_dim,
+                          neck_blocks=enc.neck_blocks, stem_int8=enc.stem_int8)
     from samkit.modeling.tiny_vit import TinyViT
 
     return TinyViT(
@@ -122,12 +126,30 @@ def build_sam(
     if checkpoint is not None:
         _check_image_size(checkpoint, cfg, name)
         state_dict = load_state_dict(checkpoint)
+        attach_recorded_text_prompt(sam, state_dict, checkpoint_metadata(checkpoint))
         load_into(sam, state_dict, name, source=str(checkpoint))
         sam.samkit_trained = True  # type: ignore[attr-defined]
         bundled_file = Path(checkpoint).parent == BUNDLED_WEIGHTS_DIR
         sam.samkit_weights = (  # type: ignore[attr-defined]
             f"bundled {Path(checkpoint).name}" if bundled_file else Path(checkpoint).name)
     return sam.to(device) if device is not None else sam
+
+
+TEXT_PROMPT_KEY = "text_prompt.proj.0.weight"  # embed_dim x clip_dim: the slot's CLIP size
+
+
+def attach_recorded_text_prompt(sam: Sam, state_dict: Mapping[str, torch.Tensor],
+                                metadata: Mapping[str, str]) -> None:
+    """Give ``sam`` the text slot a checkpoint holds (paper §7.5), sized from its weights and
+    named after the CLIP recorded with it; a checkpoint without one leaves ``sam`` as is."""
+    weight = state_dict.get(TEXT_PROMPT_KEY)
+    if weight is None:
+        return
+    recorded = metadata.get("text_clip_dim")
+    if recorded is not None and int(recorded) != weight.shape[1]:
+        raise SamkitError(f"checkpoint's text slot takes {weight.shape[1]}-d CLIP embeddings "
+                          f"but records text_clip_dim={recorded}: the file is inconsistent")
+    sam.attach_text_prompt(int(weight.shape[1]), metadata.get("text_clip_name", ""))
 
 
 def is_trained(model: Sam) -> bool:
@@ -196,7 +218,19 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise SamkitError(f"checkpoint {path} does not hold a state dict of tensors")
-    return dict(obj)
+    return _dequantized(dict(obj), path)
+
+
+def _dequantized(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """int8-stored tensors (``save_checkpoint(int8=...)``) back to fp32 weights."""
+    for scale_key in [k for k in state if k.endswith(INT8_SCALE_SUFFIX)]:
+        key = scale_key[: -len(INT8_SCALE_SUFFIX)]
+        q, scale = state.get(key), state.pop(scale_key)
+        if q is None or q.dtype != torch.int8 or scale.shape != q.shape[:1]:
+            raise SamkitError(f"checkpoint {path} has an int8 scale for {key!r} without "
+                              "its int8 weight")
+        state[key] = dequantize_int8(q, scale)
+    return state
 
 
 def _load_failure(err: Exception) -> str:
@@ -238,7 +272,7 @@ def load_into(model: Sam, state_dict: Mapping[str, torch.Tensor], name: str, sou
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if not _fits(state_dict, expected):
         guess = detect_model_type(state_dict)
-        if guess is not None:
+        if guess is not None and guess != name:  # the same name: a changed config (overrides)
             raise SamkitError(
                 f"checkpoint {source} does not fit model {name!r}: it looks like a {guess!r} "
                 f"checkpoint (use --model {guess})"
@@ -266,7 +300,9 @@ def save_checkpoint(
     model: Sam, path: str | Path, *, half: bool = False, metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write the model's state dict as safetensors (optionally fp16 for shipping), recording
-    its input size (and any extra string ``metadata``) in the header."""
+    its input size (and any extra string ``metadata``) in the header. With ``half``, weights
+    the model keeps int8-valued (samkit-tiny's stem with ``stem_int8``) are stored as int8
+    and a per-channel scale."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -274,8 +310,18 @@ def save_checkpoint(
         k: (v.half() if half and v.is_floating_point() else v).contiguous()
         for k, v in model.state_dict().items()
     }
+    from samkit.modeling.hed_encoder import HedEncoder
+
+    encoder = model.image_encoder
+    int8_names = encoder.int8_weight_names() if half and isinstance(encoder, HedEncoder) else []
+    for name in int8_names:
+        key = f"image_encoder.{name}"
+        tensors[key], tensors[key + INT8_SCALE_SUFFIX] = quantize_int8(model.state_dict()[key])
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": "samkit", "image_size": str(model.image_size), **(metadata or {})}
+    if model.text_prompt is not None:  # which CLIP the text slot was trained with
+        header |= {"text_clip_name": model.text_prompt.clip_name,
+                   "text_clip_dim": str(model.text_prompt.clip_dim)}
     with atomic_output(path, fsync=True) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     return path

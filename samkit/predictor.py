@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,9 +19,21 @@ from samkit.errors import SamkitError
 from samkit.images import ResizeLongestSide, to_rgb_uint8
 from samkit.modeling.sam import Sam
 from samkit.modeling.shared_image import ImageCache
+from samkit.modeling.text_prompt import TextPrompt
 from samkit.prompts import MAX_POINTS, as_prompt_array, check_boxes, check_points
 
 ArrayLike = np.ndarray | torch.Tensor
+
+
+class TextEncoder(Protocol):
+    """What text prompts need from a CLIP (``samkit.clip.Clip`` is one)."""
+
+    name: str
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed_text(self, phrases: Sequence[str]) -> torch.Tensor: ...
 
 
 @dataclass
@@ -38,12 +51,20 @@ class SamPredictor:
     """Computes image embeddings once and decodes prompts against them."""
 
     def __init__(self, sam_model: Sam, encode_batch_size: int = 4, decode_chunk_size: int = 4,
-                 encoder_dtype: torch.dtype | None = None, max_points: int = MAX_POINTS) -> None:
+                 encoder_dtype: torch.dtype | None = None, max_points: int = MAX_POINTS,
+                 clip: TextEncoder | None = None) -> None:
         """``encoder_dtype=torch.bfloat16`` runs the image encoder under bf16 autocast (CPUs
         with AVX-512 BF16 / AMX, and GPUs); embeddings are returned in fp32 either way.
         ``max_points``: points per prompt set accepted (the decoder's memory grows with the
-        square of its tokens)."""
+        square of its tokens). ``clip`` (``samkit.clip.load_clip``) embeds ``text=`` prompts
+        for a model with a text slot; it must be the CLIP the slot was trained with."""
         self.model = sam_model
+        self.clip = clip
+        if clip is not None:
+            slot = self._text_slot()
+            from samkit.clip import check_clip_fits
+
+            check_clip_fits(clip.dim, clip.name, slot.clip_dim, slot.clip_name)
         self.transform = ResizeLongestSide(sam_model.image_size)
         self.encode_batch_size = encode_batch_size
         self.decode_chunk_size = decode_chunk_size
@@ -168,10 +189,13 @@ class SamPredictor:
         mask_input: np.ndarray | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text: str | None = None,
+        text_embedding: ArrayLike | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Official API: one prompt set in original-image pixels (XY points ``N x 2`` with
         labels 1 = foreground, 0 = background; an XYXY ``box``; a ``1 x 256 x 256`` low-res
-        ``mask_input`` from a previous call).
+        ``mask_input`` from a previous call). Models with a text slot also take ``text`` (a
+        phrase, embedded by the predictor's ``clip``) or a ready ``text_embedding`` (``D``).
 
         Returns ``masks C x H x W`` (bool, or float logits with ``return_logits``),
         ``scores C`` and ``low_res_logits C x 256 x 256`` as numpy arrays.
@@ -181,8 +205,10 @@ class SamPredictor:
         labels = None if point_labels is None else as_prompt_array(point_labels)[None]
         boxes = None if box is None else as_prompt_array(box).reshape(1, -1)
         masks_in = None if mask_input is None else _as_tensor(mask_input)[None]
+        texts = None if text is None else [text]
+        text_in = None if text_embedding is None else _as_tensor(text_embedding).reshape(1, -1)
         masks, scores, low_res = self.predict_batch(
-            coords, labels, boxes, masks_in, multimask_output, return_logits
+            coords, labels, boxes, masks_in, multimask_output, return_logits, texts, text_in
         )
         return masks[0].cpu().numpy(), scores[0].cpu().numpy(), low_res[0].cpu().numpy()
 
@@ -194,6 +220,8 @@ class SamPredictor:
         mask_input: ArrayLike | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        texts: Sequence[str] | None = None,
+        text_embeddings: ArrayLike | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Many prompts for the current image in one decoder call, in original-image pixels.
 
@@ -202,6 +230,9 @@ class SamPredictor:
                 -1 padding for prompt sets of different lengths).
             boxes: ``B x 4`` XYXY.
             mask_input: ``B x 1 x 256 x 256`` low-res logits.
+            texts: ``B`` phrases (needs a text slot and the predictor's ``clip``), or
+            text_embeddings: ``B x D`` CLIP embeddings (L2-normalised), alone or with the
+                other prompts (then the same ``B``).
 
         Returns torch tensors ``masks B x M x H x W``, ``scores B x M``,
         ``low_res_logits B x M x 256 x 256``; M = 3 with ``multimask_output`` else 1.
@@ -222,9 +253,48 @@ class SamPredictor:
                 torch.from_numpy(check_boxes(boxes)).to(self.device), self.original_size)
         if mask_input is not None:
             masks_t = self._check_mask_input(_as_tensor(mask_input)).to(self.device, torch.float)
-        if coords is None and box_t is None and masks_t is None:
-            raise SamkitError("no prompt given: pass points, a box or a mask input")
-        return self.predict_torch(coords, labels, box_t, masks_t, multimask_output, return_logits)
+        text_t = self._text_embeddings(texts, text_embeddings)
+        if coords is None and box_t is None and masks_t is None and text_t is None:
+            raise SamkitError("no prompt given: pass points, a box, a mask input or text")
+        if text_t is not None:
+            others = [t.shape[0] for t in (coords, box_t, masks_t) if t is not None]
+            if any(n != text_t.shape[0] for n in others):
+                raise SamkitError(f"{text_t.shape[0]} text prompt(s) for {others[0]} prompt "
+                                  "set(s): give one text per prompt set")
+        return self.predict_torch(coords, labels, box_t, masks_t, multimask_output, return_logits,
+                                  text_t)
+
+    def _text_slot(self) -> TextPrompt:
+        slot = self.model.text_prompt
+        if slot is None:
+            raise SamkitError("this model has no text slot: text prompts need a checkpoint "
+                              "trained with one (samkit train with text_clip; docs/text.md)")
+        return slot
+
+    def _text_embeddings(self, texts: Sequence[str] | None,
+                         embeddings: ArrayLike | None) -> torch.Tensor | None:
+        """``B x D`` CLIP embeddings for the text prompts (None without any), checked."""
+        if texts is None and embeddings is None:
+            return None
+        if texts is not None and embeddings is not None:
+            raise SamkitError("pass texts or text_embeddings, not both")
+        slot = self._text_slot()
+        if texts is not None:
+            if isinstance(texts, str):
+                raise SamkitError("texts must be a list of phrases, not one string")
+            if self.clip is None:
+                raise SamkitError("text prompts need CLIP weights: build the predictor with "
+                                  "clip=samkit.clip.load_clip(DIR) (docs/text.md)")
+            if any(not isinstance(t, str) or not t.strip() for t in texts):
+                raise SamkitError("every text prompt must be a non-empty phrase")
+            return self.clip.embed_text(list(texts)).to(self.device, torch.float)
+        tensor = _as_tensor(embeddings).to(self.device, torch.float)
+        if tensor.ndim != 2 or tensor.shape[1] != slot.clip_dim:
+            raise SamkitError(f"text_embeddings must be B x {slot.clip_dim} (the text slot's "
+                              f"CLIP size), got {tuple(tensor.shape)}")
+        if not torch.isfinite(tensor).all():
+            raise SamkitError("text_embeddings must be finite")
+        return tensor
 
     @torch.inference_mode()
     def predict_torch(
@@ -235,12 +305,16 @@ class SamPredictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
         return_logits: bool = False,
+        text_embeddings: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Official API: batched prompts already in the resized input frame (see
-        :meth:`predict_batch` for shapes)."""
+        :meth:`predict_batch` for shapes; ``text_embeddings`` ``B x D`` CLIP embeddings for
+        a model with a text slot)."""
         self._require_image()
         points = (point_coords, point_labels) if point_coords is not None else None
-        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+        text = None if text_embeddings is None else self._text_slot()(text_embeddings)
+        sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input,
+                                                  text=text)
         low_res, scores = self.decode(sparse, dense, multimask_output,
                                       shared_dense=mask_input is None)
         assert self.input_size is not None and self.original_size is not None

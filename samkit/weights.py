@@ -97,6 +97,68 @@ REGISTRY: dict[str, OfficialWeights] = {
 }
 
 
+# --- CLIP (text prompts, docs/text.md) ----------------------------------------------------
+# The Hugging Face hub copies of OpenAI's CLIPs, in the layout samkit.clip.load_clip reads.
+# No sha256 is pinned: none could be computed on the machines samkit was built on (no
+# internet), and samkit never pins a hash it has not computed. Downloads are therefore
+# reported as unverified (as for any entry without one); fill CLIP_SHA256 from files you
+# trust to make them verified, or check them with `sha256sum` against the hub's LFS pointers.
+HF_BASE_URL = "https://huggingface.co"
+CLIP_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "vocab.json", "merges.txt", "special_tokens_map.json")
+CLIP_SHA256: dict[tuple[str, str], str] = {}  # (name, file) -> sha256, none known yet
+
+
+@dataclass(frozen=True)
+class OfficialClip:
+    """A CLIP on the Hugging Face hub: its files under ``<repo>/resolve/<revision>/``."""
+
+    name: str  # samkit's name, also the cache folder: clip-vit-large-patch14-336
+    repo: str  # openai/clip-vit-large-patch14-336
+    description: str
+    revision: str = "main"
+    files: tuple[str, ...] = CLIP_FILES
+
+    def file_spec(self, filename: str, base_url: str = HF_BASE_URL) -> OfficialWeights:
+        url = f"{base_url.rstrip('/')}/{self.repo}/resolve/{self.revision}/{filename}"
+        return OfficialWeights(f"{self.name}/{filename}", "clip", filename, url,
+                               CLIP_SHA256.get((self.name, filename)), None)
+
+
+CLIP_REGISTRY: dict[str, OfficialClip] = {
+    c.name: c
+    for c in (
+        OfficialClip("clip-vit-base-patch32", "openai/clip-vit-base-patch32",
+                     "CLIP ViT-B/32 (512-d), the small one"),
+        OfficialClip("clip-vit-large-patch14", "openai/clip-vit-large-patch14",
+                     "CLIP ViT-L/14 (768-d)"),
+        OfficialClip("clip-vit-large-patch14-336", "openai/clip-vit-large-patch14-336",
+                     "CLIP ViT-L/14@336px (768-d), what the paper used (App. D.5)"),
+    )
+}
+
+
+def clip_folder(name: str, cache: Path | None = None) -> Path:
+    """Where ``samkit weights fetch <clip name>`` puts a CLIP: ``<cache>/clip/<name>/``."""
+    if name not in CLIP_REGISTRY:
+        raise SamkitError(f"unknown CLIP {name!r}; valid names: {', '.join(sorted(CLIP_REGISTRY))}")
+    return Path(cache if cache is not None else cache_dir()) / "clip" / name
+
+
+def fetch_clip(name: str, *, cache: Path | None = None, base_url: str | None = None,
+               progress: bool = True) -> Path:
+    """Download (resuming, verifying what can be) a hub CLIP into :func:`clip_folder`;
+    returns the folder, ready for ``samkit.clip.load_clip`` / ``--clip``. ``base_url``
+    replaces ``https://huggingface.co`` (a mirror with the same ``<repo>/resolve/`` paths)."""
+    folder = clip_folder(name, cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = CLIP_REGISTRY[name]
+    for filename in spec.files:
+        file_spec = spec.file_spec(filename, base_url or HF_BASE_URL)
+        _fetch_file(file_spec, folder / filename, file_spec.url, progress)
+    return folder
+
+
 def official_weights(name: str) -> OfficialWeights:
     """Return the registry entry for ``name`` or raise a :class:`SamkitError` naming the valid ones."""
     try:
@@ -132,7 +194,11 @@ def fetch(name: str, *, cache: Path | None = None, url: str | None = None, progr
     kept so the next call resumes) or a hash mismatch (the bad download is deleted).
     """
     spec = official_weights(name)
-    target = cached_path(name, cache)
+    return _fetch_file(spec, cached_path(name, cache), url or spec.url, progress)
+
+
+def _fetch_file(spec: OfficialWeights, target: Path, url: str, progress: bool) -> Path:
+    """The cached, verified ``target`` of ``spec``, downloaded from ``url`` if needed."""
     if target.exists():
         if spec.sha256 is None:
             _warn_unverified(spec, target)
@@ -143,7 +209,7 @@ def fetch(name: str, *, cache: Path | None = None, url: str | None = None, progr
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    digest = _download(url or spec.url, part, progress=progress)
+    digest = _download(url, part, progress=progress)
     _accept(spec, part, target, digest)
     return target
 

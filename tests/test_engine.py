@@ -562,3 +562,33 @@ def test_generated_token_only_off_loopback() -> None:
     with pytest.raises(SamkitError, match="at least 16"):
         resolve_token("127.0.0.1", "short")
     assert is_loopback("localhost") and is_loopback("127.8.0.1") and not is_loopback("10.0.0.1")
+
+
+def test_page_decoder_endpoints(project: Project, service: ModelService, tmp_path: Path) -> None:
+    """The browser decoder's side of the API: float16 embedding bytes, the manifest's
+    reasons for not decoding in the page, unknown graphs, the isolation headers."""
+    app = create_app(project, service, prefetch=False, runtime_dir=tmp_path / "no-ort")
+    client = TestClient(app, base_url="http://127.0.0.1")
+    answer = client.get("/api/images/1/embedding")
+    assert answer.status_code == 200, answer.text
+    shape = tuple(int(n) for n in answer.headers["x-samkit-shape"].split(","))
+    assert answer.headers["x-samkit-model-version"] == str(service.version.id)
+    half = np.frombuffer(answer.content, "<f2").reshape(shape)
+    exact = service._embedding(project.db.image(1)).features.numpy()
+    np.testing.assert_allclose(half.astype(np.float32), exact, rtol=1e-3, atol=1e-4)
+    assert answer.headers["cross-origin-embedder-policy"] == "require-corp"
+    assert answer.headers["cross-origin-opener-policy"] == "same-origin"
+
+    wrong = client.get(f"/api/images/1/embedding?version={service.version.id + 1}")
+    assert wrong.status_code == 409 and "reload the decoder" in wrong.json()["error"]
+    assert client.get("/api/images/99/embedding").status_code == 404
+    manifest = client.get("/api/decoder").json()
+    assert manifest["available"] is False and manifest["state"] == "no-runtime"
+    assert "get_web_runtime.sh" in manifest["reason"]
+    missing = client.get(f"/api/decoder/v{service.version.id}/fp32")
+    assert missing.status_code == 404 and "no 'fp32' decoder graph" in missing.json()["error"]
+    assert client.get("/static/ort/ort.wasm.min.js").status_code == 404
+
+    off = TestClient(create_app(project, service, prefetch=False, browser_decoder=False),
+                     base_url="http://127.0.0.1").get("/api/decoder").json()
+    assert off["state"] == "off" and "--decoder server" in off["reason"]

@@ -18,11 +18,17 @@ import shutil
 import socket
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 pytest.importorskip("uvicorn", reason="the annotation server needs `pip install samkit[engine]`")
 sync_api = pytest.importorskip("playwright.sync_api",
@@ -34,12 +40,21 @@ if not CHROMIUM.is_file():
 
 import uvicorn  # noqa: E402
 
+from samkit.build import build_sam  # noqa: E402
 from samkit.engine.model_service import ModelService  # noqa: E402
-from samkit.engine.project import open_project  # noqa: E402
-from samkit.engine.server import create_app  # noqa: E402
+from samkit.engine.project import Project, open_project  # noqa: E402
+from samkit.engine.server import RUNTIME_DIR, create_app  # noqa: E402
+from samkit.engine.web_decoder import RUNTIME_FILES  # noqa: E402
+from samkit.images import load_image  # noqa: E402
+from samkit.predictor import SamPredictor  # noqa: E402
+from samkit.registry import SamConfig, ViTConfig  # noqa: E402
 from test_engine import small_loader  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    # pycocotools (numpy 2) warns on every decode; not ours to fix.
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+]
 
 # Headless, and nothing that reaches for the network (the machine has none).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -62,15 +77,14 @@ def photos(folder: Path) -> Path:
     return folder
 
 
-@pytest.fixture
-def server(tmp_path: Path):
-    project = open_project(tmp_path / "project", photos(tmp_path / "src"), None, None)
-    service = ModelService(project, "cpu", loader=small_loader)
+@contextmanager
+def serving(project: Project, service: ModelService, **options: Any) -> Iterator[str]:
+    """The app on a free loopback port (uvicorn in a thread); yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(project, service), host="127.0.0.1", port=port,
-                            log_level="warning")
+    config = uvicorn.Config(create_app(project, service, **options), host="127.0.0.1",
+                            port=port, log_level="warning")
     instance = uvicorn.Server(config)
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
@@ -78,9 +92,19 @@ def server(tmp_path: Path):
     while not instance.started:
         assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", project
-    instance.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    project = open_project(tmp_path / "project", photos(tmp_path / "src"), None, None)
+    service = ModelService(project, "cpu", loader=small_loader)
+    with serving(project, service) as url:
+        yield url, project
 
 
 # Pixels of the canvas that differ from the bare image: the drawn overlay.
@@ -188,3 +212,238 @@ def save_screenshot(png: bytes, path: Path) -> None:
     small saturated marks such as the green click point, which median cut greys out)."""
     image = Image.open(io.BytesIO(png)).convert("RGB")
     image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+
+
+# ------------------------------------------------------------------ the page's own decoder
+RUNTIME_MISSING = [name for name in RUNTIME_FILES if not (RUNTIME_DIR / name).is_file()]
+needs_runtime = pytest.mark.skipif(
+    bool(RUNTIME_MISSING), reason="onnxruntime-web is not installed in samkit/engine/static/ort "
+    "(bash scripts/get_web_runtime.sh; needs npm)")
+SMALL_VIT = SamConfig(ViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,)),
+                      image_size=256)
+MODELS = {"samkit-tiny": "samkit-tiny", "small-vit": SMALL_VIT}
+EXPORT_MS = 300_000  # exporting the decoder graphs on a busy 2-core machine
+MATCH_IOU = 0.99
+
+
+def model_loader(config: Any):
+    """A ModelLoader for ``config`` (samkit-tiny: its bundled weights; the small ViT: random
+    weights, seeded)."""
+
+    def load(project: Project, version: Any, device: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_sam(config)
+
+    return load
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def rle_mask(rle: dict) -> np.ndarray:
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}) > 0
+
+
+def server_decode(url: str, prompts: dict) -> list[np.ndarray]:
+    """The server path: POST /decode with the page's prompts."""
+    request = urllib.request.Request(f"{url}/api/images/1/decode", method="POST",
+                                     data=json.dumps(prompts).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return [rle_mask(m["segmentation"]) for m in json.loads(response.read())["masks"]]
+
+
+PAGE_MASKS = """() => ({
+  points: state.points, box: state.box, choice: state.prediction.choice,
+  masks: state.prediction.masks.map((m) =>
+    SamkitDecoder.rleEncode(m.bits, state.info.height, state.info.width)),
+  lowRes: Array.from(state.prediction.lowRes[state.prediction.choice]),
+  decoder: window.samkitTimings[window.samkitTimings.length - 1].decoder,
+})"""
+
+
+def decodes(page: Any) -> int:
+    return int(page.evaluate("Number(document.getElementById('canvas').dataset.decodes || 0)"))
+
+
+def wait_decode(page: Any, before: int) -> dict:
+    page.wait_for_function(
+        f"Number(document.getElementById('canvas').dataset.decodes || 0) > {before}")
+    return page.evaluate(PAGE_MASKS)
+
+
+@needs_runtime
+@pytest.mark.parametrize("name", list(MODELS))
+def test_browser_decoder_matches_the_server(name: str, tmp_path: Path) -> None:
+    """Click, box and a refining second click decoded in the page give the server's masks;
+    accepting stores the page's mask; revisiting an image downloads nothing."""
+    project = open_project(tmp_path / "project", photos(tmp_path / "src"), None, None)
+    service = ModelService(project, "cpu", loader=model_loader(MODELS[name]))
+    with serving(project, service, prefetch=False) as url, \
+            sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1180, "height": 640})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            # Ready, or a reason shown (a failed export says why instead of timing out).
+            page.wait_for_function(
+                "document.getElementById('canvas').dataset.local === '1' || "
+                "/failed|did not start/.test(document.getElementById('decoder').textContent)",
+                timeout=EXPORT_MS)
+            assert page.get_attribute("#canvas", "data-decoder") == "browser", \
+                page.inner_text("#decoder")
+            assert page.evaluate("crossOriginIsolated")  # COOP/COEP: wasm threads allowed
+            assert "Decoding in this page" in page.inner_text("#decoder")
+            box = page.locator("#canvas").bounding_box()
+
+            def at(fx: float, fy: float) -> tuple[float, float]:
+                return box["x"] + box["width"] * fx, box["y"] + box["height"] * fy
+
+            # One click: 3 masks, each the server's.
+            before = decodes(page)
+            page.mouse.click(*at(0.5, 0.55))
+            one = wait_decode(page, before)
+            assert one["decoder"] == "browser" and len(one["masks"]) == 3
+            prompts = {"points": one["points"], "box": one["box"]}
+            for ours, theirs in zip(one["masks"], server_decode(url, prompts), strict=True):
+                assert mask_iou(rle_mask(ours), theirs) >= MATCH_IOU
+
+            # A second click refines the shown mask: the server's predictor with the same
+            # low-res logits as the mask prompt.
+            before = decodes(page)
+            page.mouse.click(*at(0.3, 0.4), button="right")
+            two = wait_decode(page, before)
+            assert len(two["masks"]) == 1 and two["points"][1][2] == 0
+            reference = refined_reference(service, project, one, two)
+            assert mask_iou(rle_mask(two["masks"][0]), reference) >= MATCH_IOU
+
+            # Accept: the server stores exactly the page's mask.
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "document.getElementById('canvas').dataset.annotations === '1'")
+            stored = project.db.annotations(1)[0]
+            assert stored["segmentation"]["counts"] == two["masks"][0]["counts"]
+            assert stored["prompts"]["points"] == two["points"]
+
+            # A box alone: 3 masks again.
+            before = decodes(page)
+            start, end = at(0.25, 0.3), at(0.75, 0.8)
+            page.mouse.move(*start)
+            page.mouse.down()
+            page.mouse.move(*end, steps=5)
+            page.mouse.up()
+            boxed = wait_decode(page, before)
+            assert boxed["box"] is not None and not boxed["points"]
+            server = server_decode(url, {"points": [], "box": boxed["box"]})
+            for ours, theirs in zip(boxed["masks"], server, strict=True):
+                assert mask_iou(rle_mask(ours), theirs) >= MATCH_IOU
+            page.keyboard.press("Escape")
+
+            # Next image and back: the first image's embedding comes from IndexedDB.
+            fetched = page.evaluate("state.decoder.bytes.embeddings")
+            page.keyboard.press("ArrowRight")
+            page.wait_for_selector("#canvas[data-local='2']")
+            second = page.evaluate("state.decoder.bytes.embeddings")
+            assert second > fetched
+            page.keyboard.press("ArrowLeft")
+            page.wait_for_selector("#canvas[data-local='1']")
+            assert page.evaluate("state.decoder.bytes.embeddings") == second
+            assert all(t["decoder"] == "browser" for t in page.evaluate("samkitTimings"))
+        finally:
+            browser.close()
+
+
+def refined_reference(service: ModelService, project: Project, one: dict,
+                      two: dict) -> np.ndarray:
+    """The server's predictor on the page's two-click prompt, with the first click's chosen
+    mask (its low-res logits, recomputed on the server) as the mask prompt."""
+    image = project.db.image(1)
+    assert image is not None
+    predictor = SamPredictor(service.model)
+    predictor.set_image(load_image(project.image_path(image.file_name)))
+    first = np.array([p[:2] for p in one["points"]])
+    _, _, low = predictor.predict(point_coords=first, point_labels=np.array([1]),
+                                  multimask_output=True)
+    points = np.array([p[:2] for p in two["points"]])
+    labels = np.array([p[2] for p in two["points"]])
+    masks, _, _ = predictor.predict(point_coords=points, point_labels=labels,
+                                    mask_input=low[one["choice"]][None],
+                                    multimask_output=False)
+    return masks[0]
+
+
+def test_without_the_runtime_the_server_decodes(tmp_path: Path) -> None:
+    """No runtime files: the page says so and every click is decoded on the server."""
+    project = open_project(tmp_path / "project", photos(tmp_path / "src"), None, None)
+    service = ModelService(project, "cpu", loader=small_loader)
+    with serving(project, service, prefetch=False, runtime_dir=tmp_path / "no-ort") as url, \
+            sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1180, "height": 640})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            page.wait_for_selector("#canvas[data-ready='1'][data-decoder='server']")
+            note = page.inner_text("#decoder")
+            assert "Decoding on the server" in note and "runtime is not installed" in note
+            box = page.locator("#canvas").bounding_box()
+            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
+            page.wait_for_function("document.getElementById('canvas').dataset.decodes === '1'")
+            assert page.evaluate("samkitTimings[0].decoder") == "server"
+            assert "on the server" in page.inner_text("#status")
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "document.getElementById('canvas').dataset.annotations === '1'")
+        finally:
+            browser.close()
+
+
+IDB_KEYS = """() => new Promise((resolve, reject) => {
+  const open = indexedDB.open("samkit-annotate", 1);
+  open.onsuccess = () => {
+    const request = open.result.transaction("blobs").objectStore("blobs").getAllKeys();
+    request.onsuccess = () => resolve(request.result.map(String));
+    request.onerror = () => reject(request.error);
+  };
+  open.onerror = () => reject(open.error);
+})"""
+
+
+@needs_runtime
+def test_a_new_model_version_replaces_the_pages_cache(tmp_path: Path) -> None:
+    """Switching to another model version (as after a retrain) loads that version's graphs
+    and embeddings and drops the old version's embeddings from IndexedDB."""
+    project = open_project(tmp_path / "project", photos(tmp_path / "src"), None, None)
+    service = ModelService(project, "cpu", loader=small_loader)
+    first = service.version
+    second = project.db.add_model_version(first.model, None, first.id, note={"steps": 1})
+    with serving(project, service, prefetch=False) as url, \
+            sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1180, "height": 640})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            page.wait_for_selector("#canvas[data-local='1']", timeout=EXPORT_MS)
+            assert any(f":v{first.id}:1" in key for key in page.evaluate(IDB_KEYS))
+            page.select_option("#model-version", str(second.id))
+            page.wait_for_function(
+                f"state.decoder && state.decoder.version === {second.id} && "
+                "document.getElementById('canvas').dataset.local === '1' && "
+                "state.decoder.image !== null", timeout=EXPORT_MS)
+            assert f"model v{second.id}" in page.inner_text("#decoder")
+            keys = [k for k in page.evaluate(IDB_KEYS) if k.startswith("emb:")]
+            assert keys and all(f":v{second.id}:" in key for key in keys)
+            box = page.locator("#canvas").bounding_box()
+            before = decodes(page)
+            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
+            assert wait_decode(page, before)["decoder"] == "browser"
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "document.getElementById('canvas').dataset.annotations === '1'")
+            assert project.db.annotations(1)[0]["model_version"] == second.id
+        finally:
+            browser.close()

@@ -318,3 +318,26 @@ def test_non_finite_steps_leave_the_weights_and_too_many_stop_the_run(
         train(run_config(shapes, tmp_path / "diverged", iterations=8, max_nonfinite_steps=3))
     assert "\n" not in str(err.value)
     assert (tmp_path / "diverged" / "metrics.csv").is_file()  # the good step was logged
+
+
+def test_a_grown_model_starts_as_its_checkpoint(tmp_path) -> None:
+    """init_new_modules: neck blocks added to a trained samkit-tiny start as the identity, so
+    the grown model's embedding is the checkpoint's; without it the load says what is missing."""
+    from samkit.build import build_sam, save_checkpoint
+    from samkit.errors import SamkitError
+    from samkit.train.loop import build_model
+
+    torch.manual_seed(0)
+    trained = build_sam("samkit-tiny", checkpoint=None)
+    trained.image_encoder.neck.conv.weight.data.normal_(std=0.05)  # not an initialisation
+    path = save_checkpoint(trained, tmp_path / "trained.safetensors")
+    base = dict(model="samkit-tiny", init_checkpoint=str(path), out_dir=str(tmp_path / "run"),
+                model_overrides={"encoder": {"neck_blocks": 2}})
+    grown = build_model(TrainConfig(**base, init_new_modules=["image_encoder.neck.blocks"]),
+                        torch.device("cpu")).eval()
+    assert len(grown.image_encoder.neck.blocks) == 2
+    x = torch.randn(1, 3, 512, 512)
+    with torch.no_grad():
+        assert torch.equal(grown.image_encoder(x), trained.eval().image_encoder(x))
+    with pytest.raises(SamkitError, match=r"missing: \d+ \(e.g. image_encoder.neck.blocks"):
+        build_model(TrainConfig(**base), torch.device("cpu"))

@@ -40,6 +40,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                           help="largest image upload accepted (default 50)")
     annotate.add_argument("--max-body-mb", type=float, default=16.0, metavar="MB",
                           help="largest JSON request body accepted (prompts, masks; default 16)")
+    annotate.add_argument("--decoder", choices=("browser", "server"), default="browser",
+                          help="where masks are decoded: in the page (default; needs "
+                          "scripts/get_web_runtime.sh, else the server does it) or always "
+                          "on the server")
     annotate.set_defaults(func=run_annotate)
 
     engine = subparsers.add_parser(
@@ -145,7 +149,8 @@ def run_annotate(args: argparse.Namespace) -> int:
                       service.trained, fix="until it is trained")
     app = create_app(project, service, token=token,
                      max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
-                     max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+                     max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+                     browser_decoder=args.decoder == "browser")
     shown_host = "<this machine's address>" if args.host in ("0.0.0.0", "::") else args.host
     shown_host = f"[{shown_host}]" if ":" in shown_host else shown_host
     url = f"http://{shown_host}:{port}/" + (f"?token={token}" if token else "")

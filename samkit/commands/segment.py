@@ -1,4 +1,4 @@
-"""``samkit segment``: masks for one image from point and box prompts.
+"""``samkit segment``: masks for one image from point, box and text prompts.
 
 Everything cheap is checked before anything slow: the prompt text, the model name and the
 checkpoint come first, then the image (whose size the prompts must fit) and the output folder,
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from samkit.errors import SamkitError
 from samkit.io import prepare_out_dir, write_bytes_atomic
 from samkit.loading import (ModelChoice, add_model_arguments, build_model, resolve_device,
                             resolve_model, warn_if_untrained)
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from samkit.modeling.sam import Sam
+    from samkit.predictor import TextEncoder
 
 DEFAULT_OUT_ROOT = Path("samkit_out")
 
@@ -50,6 +52,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--box", action="append", default=[], metavar=BOX_SYNTAX,
                         help="a box prompt (corners, x1 > x0 and y1 > y0)")
+    parser.add_argument("--text", metavar="PHRASE",
+                        help="a text prompt, e.g. 'a wheel' (alone or with points / a box): "
+                        "needs a model with a text slot and --clip (docs/text.md)")
+    parser.add_argument("--clip", metavar="DIR",
+                        help="CLIP weights for --text: a Hugging Face CLIP folder (e.g. from "
+                        "`samkit weights fetch clip-vit-large-patch14-336`) or a state-dict file")
     add_model_arguments(parser, device_help="where to run the model (default: cuda if "
                         "available, else cpu)")
     parser.add_argument("--single", action="store_true",
@@ -63,24 +71,39 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``samkit segment``: validate everything, predict, write, summarise."""
     import torch  # here, not at the top: `samkit --help` does not pay for it
 
+    from samkit.build import weights_source
     from samkit.images import load_image
 
-    prompts = parse_prompts(args.point, args.box)
+    text = check_text_arguments(args.text, args.clip)
+    prompts = parse_prompts(args.point, args.box) if args.point or args.box or text is None \
+        else Prompts(np.zeros((0, 2), np.float32), np.zeros(0, np.int64), None)
     choice = resolve_model(args.model, args.checkpoint)
     device = resolve_device(args.device)
     image = load_image(args.image)
     check_prompts_fit(prompts, height=image.shape[0], width=image.shape[1])
-    multimask = wants_multimask(prompts, single=args.single)
+    # Text alone is as ambiguous as one point ("a wheel" of four): 3 masks unless --single.
+    text_alone = text is not None and not args.point and not args.box
+    multimask = not args.single if text_alone else wants_multimask(prompts, single=args.single)
     # Only now that the inputs are known good, so a typo leaves no empty folder behind.
     out_dir = prepare_out_dir(args.out or DEFAULT_OUT_ROOT / Path(args.image).stem)
 
     model, trained = build_model(choice, device)
+    clip = None
+    if text is not None:
+        if model.text_prompt is None:
+            raise SamkitError(f"--text needs a model with a text slot, and model "
+                              f"{choice.name!r} ({weights_source(model)}) has none: pass "
+                              "--checkpoint of a model trained with text_clip (docs/text.md)")
+        from samkit.clip import load_clip
+
+        clip = load_clip(args.clip, device=device)
     warn_if_untrained(f"model {choice.name!r}", trained)
     masks, scores = predict(model, image, prompts, multimask,
-                            torch.bfloat16 if args.bf16 else None)
+                            torch.bfloat16 if args.bf16 else None, text, clip)
     result = describe_run(
         Path(args.image), image, choice, trained, prompts, multimask, masks, scores
     )
+    result["text"] = text
     result["encoder_dtype"] = "bfloat16" if args.bf16 else "float32"
     write_outputs(out_dir, image, prompts, masks, result)
     print_summary(out_dir, result)
@@ -90,18 +113,33 @@ def run(args: argparse.Namespace) -> int:
 # --- validation ---------------------------------------------------------------------------
 
 
+def check_text_arguments(text: str | None, clip: str | None) -> str | None:
+    """The ``--text`` phrase (None without one); a phrase without ``--clip`` is an error."""
+    if text is None:
+        if clip is not None:
+            raise SamkitError("--clip is only used with --text")
+        return None
+    if not text.strip():
+        raise SamkitError("--text needs a phrase, e.g. --text 'a wheel'")
+    if clip is None:
+        raise SamkitError("--text needs CLIP weights: pass --clip DIR (a Hugging Face CLIP "
+                          "folder; `samkit weights fetch clip-vit-large-patch14-336`)")
+    return text.strip()
+
+
 # --- model --------------------------------------------------------------------------------
 
 
 def predict(
     model: Sam, image: np.ndarray, prompts: Prompts, multimask: bool,
-    encoder_dtype: torch.dtype | None = None,
+    encoder_dtype: torch.dtype | None = None, text: str | None = None,
+    clip: TextEncoder | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embed ``image`` (under autocast to ``encoder_dtype`` if given) and decode ``prompts``:
-    ``masks C x H x W`` bool and ``scores C``."""
+    """Embed ``image`` (under autocast to ``encoder_dtype`` if given) and decode ``prompts``
+    (and ``text``, embedded by ``clip``): ``masks C x H x W`` bool and ``scores C``."""
     from samkit.predictor import SamPredictor
 
-    predictor = SamPredictor(model, encoder_dtype=encoder_dtype)
+    predictor = SamPredictor(model, encoder_dtype=encoder_dtype, clip=clip)
     predictor.set_image(image)
     has_points = len(prompts.points) > 0
     masks, scores, _ = predictor.predict(
@@ -109,6 +147,7 @@ def predict(
         point_labels=prompts.labels if has_points else None,
         box=prompts.box,
         multimask_output=multimask,
+        text=text,
     )
     return masks, scores
 

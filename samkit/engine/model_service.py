@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
@@ -173,6 +174,27 @@ class ModelService:
         if self._current != key:
             self._predictor.set_embedding(self._embedding(image))
             self._current = key
+
+    def embedding_f16(self, image: ImageRow, patience: float = CLICK_PATIENCE_S
+                      ) -> tuple[bytes, tuple[int, ...], int]:
+        """``image``'s embedding for the page's decoder: float16 bytes (little-endian, C
+        order) of the ``1 x C x g x g`` features, their shape, and the version that made
+        them. Computed first if needed; float16 halves the bytes on the wire."""
+        with self.using_model(f"embedding image {image.id}", patience):
+            features = self._embedding(image).features
+            version_id = self.version.id
+        half = features.detach().to("cpu", torch.float16).contiguous().numpy()
+        return half.astype("<f2", copy=False).tobytes(), tuple(half.shape), version_id
+
+    def model_copy(self, version_id: int) -> tuple[ModelVersion, Sam] | None:
+        """A float32 CPU copy of the model if ``version_id`` is still the loaded version
+        (else None), e.g. to export it while the original keeps serving. Waits like background
+        work: interactive requests go first."""
+        with self.using_model(f"copying model version {version_id}", 0, background=True):
+            if self.version.id != version_id:
+                return None
+            version, model = self.version, copy.deepcopy(self.model)
+        return version, model.to("cpu", torch.float32)
 
     # ------------------------------------------------------------------ prompting
     def decode(self, image: ImageRow, prompts: Prompts, multimask: bool,

@@ -6,6 +6,7 @@ Layout::
       project.db                 SQLite (see samkit.engine.db)
       images/                    the images (hard links or copies of the imported files)
       cache/embeddings/v<V>/     one safetensors image embedding per image and model version
+      cache/decoders/v<V>/       the page's ONNX decoder graphs per model version
       models/                    checkpoints made by `samkit engine retrain`
       retrain/                   each retrain's exported data and training run
 
@@ -95,6 +96,11 @@ class Project:
         ``"bfloat16"``) keeps embeddings computed another way apart."""
         folder = f"v{int(version_id)}" + (f"-{variant}" if variant else "")
         return self.embeddings_dir / folder / f"{int(image_id)}.safetensors"
+
+    def decoder_dir(self, version_id: int) -> Path:
+        """Where a model version's decoder graphs for the page are cached (beside the
+        embeddings; see :mod:`samkit.engine.web_decoder`)."""
+        return self.root / "cache" / "decoders" / f"v{int(version_id)}"
 
     def checkpoint_path(self, version: ModelVersion) -> Path | None:
         """The weights of a model version: absolute paths were given on the command line by

@@ -154,5 +154,31 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+class IsolationMiddleware:
+    """Makes the page cross-origin isolated (``Cross-Origin-Opener-Policy: same-origin``,
+    ``Cross-Origin-Embedder-Policy: require-corp``), which browsers require before they give
+    a page SharedArrayBuffer, and so wasm threads for the page's decoder. The page loads
+    nothing from other origins, so nothing it uses is blocked."""
+
+    HEADERS = [(b"cross-origin-opener-policy", b"same-origin"),
+               (b"cross-origin-embedder-policy", b"require-corp"),
+               (b"cross-origin-resource-policy", b"same-origin")]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self.HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def _deny(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)

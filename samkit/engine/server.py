@@ -30,13 +30,16 @@ from samkit.engine.db import Conflict, ImageRow, NewAnnotation
 from samkit.engine.model_service import (CLICK_PATIENCE_S, PREVIEW_PATIENCE_S, Busy,
                                          ModelService)
 from samkit.engine.project import Project, check_image_name
-from samkit.engine.security import AccessMiddleware, BodyLimitMiddleware
+from samkit.engine.security import (AccessMiddleware, BodyLimitMiddleware,
+                                    IsolationMiddleware)
 from samkit.engine.stats import format_table, stats_rows
+from samkit.engine.web_decoder import GRAPHS, RUNTIME_FILES, WebDecoder
 from samkit.errors import SamkitError
 from samkit.prompts import Prompts, check_prompts_fit, wants_multimask
 from samkit.rle import encode_masks, parse_rle
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+RUNTIME_DIR = STATIC_DIR / "ort"  # onnxruntime-web, from scripts/get_web_runtime.sh
 DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 # JSON bodies (prompts, accepted masks as RLE, settings): a 100 MP mask's RLE is a few MB.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -100,16 +103,33 @@ class ModelIn(_Body):
 # ------------------------------------------------------------------------------------ the app
 def create_app(project: Project, service: ModelService, *, token: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-               prefetch: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               prefetch: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               browser_decoder: bool = True, runtime_dir: Path = RUNTIME_DIR,
+               isolate: bool = True) -> FastAPI:
     """The app for ``project``; ``token`` None means loopback-only without a token (see
-    :mod:`samkit.engine.security`); ``prefetch`` starts the background precompute thread."""
+    :mod:`samkit.engine.security`); ``prefetch`` starts the background precompute thread;
+    ``browser_decoder`` lets the page decode by itself with the onnxruntime-web files in
+    ``runtime_dir`` (see :mod:`samkit.engine.web_decoder`); ``isolate`` sends the headers
+    that make the page cross-origin isolated, which wasm threads need."""
     app = FastAPI(title="samkit annotate", docs_url=None, redoc_url=None,
                   openapi_url="/api/openapi.json")
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, exempt=("/api/images",))
+    if isolate:
+        app.add_middleware(IsolationMiddleware)
     app.add_middleware(AccessMiddleware, token=token)  # outermost: access is checked first
+
+    # Before the /static mount, which would otherwise answer first; only the runtime's files.
+    @app.get("/static/ort/{name}", include_in_schema=False)
+    def runtime_file(name: str) -> FileResponse:
+        if name not in RUNTIME_FILES or not (runtime_dir / name).is_file():
+            raise HTTPException(404, f"no browser runtime file {name!r} (run "
+                                     "scripts/get_web_runtime.sh)")
+        return FileResponse(runtime_dir / name, headers={"Cache-Control": "no-cache"})
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     db = project.db
     prefetcher = stages.Prefetcher(project, service) if prefetch else None
+    web = WebDecoder(project, service, runtime_dir, enabled=browser_decoder)
     _add_error_handlers(app)
 
     def get_image(image_id: int) -> ImageRow:
@@ -202,6 +222,20 @@ def create_app(project: Project, service: ModelService, *, token: str | None = N
                 "best": int(np.argmax(result.scores)), "decode_ms": round(result.decode_ms, 3),
                 "server_ms": round((time.perf_counter() - start) * 1e3, 3)}
 
+    @app.get("/api/images/{image_id}/embedding")
+    def embedding(image_id: int, version: int | None = None) -> Response:
+        """The image's embedding for the page's decoder: float16 bytes (little-endian,
+        C order); shape and model version in ``X-Samkit-Shape`` / ``X-Samkit-Model-Version``.
+        ``version``: the model version the page's graphs are for (409 if not the loaded one)."""
+        image = get_image(image_id)
+        if version is not None and version != service.version.id:
+            raise Conflict(f"model version {version} is not loaded (the server has version "
+                           f"{service.version.id}): reload the decoder")
+        data, shape, made_by = service.embedding_f16(image, CLICK_PATIENCE_S)
+        return Response(data, media_type="application/octet-stream", headers={
+            "X-Samkit-Shape": ",".join(map(str, shape)),
+            "X-Samkit-Model-Version": str(made_by), "Cache-Control": "no-store"})
+
     @app.post("/api/images/{image_id}/everything")
     def everything(image_id: int, body: EverythingIn | None = None) -> dict[str, Any]:
         image = get_image(image_id)
@@ -280,6 +314,21 @@ def create_app(project: Project, service: ModelService, *, token: str | None = N
         if version.id != service.version.id:
             service.switch(version)
         return models()
+
+    @app.get("/api/decoder")
+    def decoder() -> dict[str, Any]:
+        """The page's decoder for the loaded version (graph URLs and sha256s), or
+        ``available: false`` with the reason; the first call per version starts the export."""
+        return web.manifest()
+
+    @app.get("/api/decoder/v{version_id}/{kind}")
+    def decoder_graph(version_id: int, kind: str) -> FileResponse:
+        path = web.graph_path(version_id, kind)
+        if path is None:
+            raise HTTPException(404, f"no {kind!r} decoder graph for model version "
+                                     f"{version_id} (kinds: {', '.join(GRAPHS)})")
+        return FileResponse(path, media_type="application/octet-stream",
+                            headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------- stats and export
     @app.get("/api/stats")

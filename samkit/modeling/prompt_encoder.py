@@ -108,8 +108,12 @@ class PromptEncoder(nn.Module):
             points: ``(B x N x 2 coords, B x N labels)`` in the padded input frame, or None.
             boxes: ``B x 4`` XYXY in the input frame, or None.
             masks: ``B x 1 x 4H x 4W`` low-res mask logits, or None.
-            text: ``B x T x C`` already-projected text tokens (the paper's text-prompt hook,
-                e.g. CLIP embeddings through a learned projection), or None.
+            text: ``B x C`` projected text tokens (``samkit.modeling.text_prompt``), or None.
+                The token is *added* to the "not a point" token: the one that follows the
+                points when there is no box, else one appended for it. Adding (rather than a
+                token of its own) means that with points and no box a zero projection gives
+                exactly the masks without text: a slot grown onto a trained model starts from
+                the model's own outputs.
 
         Returns:
             sparse ``B x N_tokens x C`` and dense ``B x C x H x W`` embeddings.
@@ -122,7 +126,11 @@ class PromptEncoder(nn.Module):
         if boxes is not None:
             sparse.append(self.embed_boxes(boxes))
         if text is not None:
-            sparse.append(text)
+            if points is not None and boxes is None:  # the points' pad token is last
+                sparse[-1] = torch.cat([sparse[-1][:, :-1], sparse[-1][:, -1:] + text[:, None]],
+                                       dim=1)
+            else:
+                sparse.append((self.not_a_point_embed.weight + text)[:, None])
         sparse_embeddings = torch.cat(sparse, dim=1)
         if masks is not None:
             dense = self.embed_masks(masks)

@@ -13,6 +13,7 @@ from torch import nn
 
 from samkit.modeling.mask_decoder import MaskDecoder
 from samkit.modeling.prompt_encoder import PromptEncoder
+from samkit.modeling.text_prompt import TextPrompt
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -35,11 +36,14 @@ class Sam(nn.Module):
         mask_decoder: MaskDecoder,
         pixel_mean: Sequence[float] = PIXEL_MEAN,
         pixel_std: Sequence[float] = PIXEL_STD,
+        text_prompt: TextPrompt | None = None,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
+        # The optional text slot (paper §7.5); None keeps the official state dict and outputs.
+        self.text_prompt = text_prompt
         # Not persistent: official checkpoints do not contain them.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -52,6 +56,12 @@ class Sam(nn.Module):
     def image_size(self) -> int:
         """Side of the square, padded encoder input (1024 for the official models)."""
         return int(self.image_encoder.img_size)
+
+    def attach_text_prompt(self, clip_dim: int, clip_name: str = "") -> TextPrompt:
+        """Give the model a (freshly initialised) text slot for ``clip_dim``-d CLIP embeddings."""
+        self.text_prompt = TextPrompt(clip_dim, self.prompt_encoder.embed_dim, clip_name).to(
+            self.device)
+        return self.text_prompt
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``... x 3 x h x w`` pixels (0..255) and zero-pad to ``image_size``."""

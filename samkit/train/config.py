@@ -205,7 +205,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         path = Path(path)
         if not path.is_file():
             raise SamkitError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SamkitError(f"cannot read config {path}: {reason}") from None
         if not isinstance(loaded, dict):
             raise SamkitError(f"config {path} must be a mapping of field: value")
         values.update(loaded)
@@ -213,7 +217,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         key, sep, raw = item.partition("=")
         if not sep:
             raise SamkitError(f"--set expects key=value, got {item!r}")
-        _set_dotted(values, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise SamkitError(f"--set {item!r}: the value is not YAML "
+                              f"({str(err).strip().splitlines()[0]})") from None
+        if not key.strip():
+            raise SamkitError(f"--set expects key=value, got {item!r}")
+        _set_dotted(values, key.strip(), value)
     return from_dict(values)
 
 
@@ -225,7 +236,10 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
         raise SamkitError(
             f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(hints)}"
         )
-    return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    try:
+        return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+    except (TypeError, ValueError) as err:  # e.g. a list of the wrong items for a tuple field
+        raise SamkitError(f"bad config value: {str(err).splitlines()[0]}") from None
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:

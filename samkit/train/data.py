@@ -21,8 +21,6 @@ The padding to the square input is not materialised for masks: a sample is the *
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -33,13 +31,15 @@ from typing import Protocol
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
+from samkit.data.coco import image_objects, open_coco
+from samkit.data.masks import object_masks, read_mask_objects
 from samkit.errors import SamkitError
 from samkit.images import load_image, preprocess_shape
 from samkit.io import is_image_file
 from samkit.train.features import FeatureCache
+from samkit.train.text import TextCache
 
 # Retries of the random jitter when it leaves no usable mask (e.g. scale 0.1 on small objects).
 JITTER_ATTEMPTS = 3
@@ -74,55 +74,41 @@ class FolderSource:
         return len(self.pairs)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The image and its masks by the one mask-PNG rule (:mod:`samkit.data.masks`)."""
         image_path, mask_path = self.pairs[index]
         image = load_image(image_path)
-        with Image.open(mask_path) as im:
-            ids = np.asarray(im)
-        if ids.ndim != 2:
-            raise SamkitError(f"mask {mask_path} must be single-channel (binary or id map)")
-        if ids.shape != image.shape[:2]:
-            raise SamkitError(f"mask {mask_path} is {ids.shape}, image is {image.shape[:2]}")
-        return image, split_id_mask(ids)
-
-
-def split_id_mask(ids: np.ndarray) -> np.ndarray:
-    """``H x W`` id map -> ``N x H x W`` bool, one mask per non-zero value (0/255 -> 1 mask)."""
-    values = np.unique(ids)
-    values = values[values != 0]
-    return ids[None] == values[:, None, None]
+        size = image.shape[:2]
+        return image, object_masks(read_mask_objects(mask_path, size), size)
 
 
 class CocoSource:
-    """COCO instances: one sample per image with at least one non-crowd annotation."""
+    """COCO instances (read as evaluation reads them, :mod:`samkit.data.coco`): one sample per
+    image with at least one non-crowd annotation."""
 
     def __init__(self, annotation_file: str | Path, image_dir: str | Path) -> None:
-        from pycocotools.coco import COCO
-
         if not Path(annotation_file).is_file():
             raise SamkitError(f"COCO annotation file not found: {annotation_file}")
-        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress
-            self.coco = COCO(str(annotation_file))
+        self.coco, dropped = open_coco(Path(annotation_file))
+        if dropped:
+            warnings.warn(f"{annotation_file}: {len(dropped)} annotations with a bad "
+                          f"segmentation left out (first: {dropped[0]})", stacklevel=2)
         self.image_dir = Path(image_dir)
         self.image_ids = sorted(
-            i for i in self.coco.getImgIds() if self._annotations(i)
+            i for i in self.coco.imgs
+            if any(not a.get("iscrowd", 0) for a in self.coco.imgToAnns.get(i, []))
         )
-
-    def _annotations(self, image_id: int) -> list[dict]:
-        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id, iscrowd=False))
-        return [a for a in anns if not a.get("iscrowd", 0)]
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_id = self.image_ids[index]
-        info = self.coco.loadImgs(image_id)[0]
-        image = load_image(self.image_dir / info["file_name"])
-        masks = np.stack([self.coco.annToMask(a) for a in self._annotations(image_id)])
-        if masks.shape[1:] != image.shape[:2]:
-            raise SamkitError(f"COCO image {image_id}: masks {masks.shape[1:]} vs image "
+        image = load_image(self.image_dir / self.coco.imgs[image_id]["file_name"])
+        objects, _ = image_objects(self.coco, image_id)  # empty masks add nothing to the loss
+        if objects and objects[0].mask.shape != image.shape[:2]:
+            raise SamkitError(f"COCO image {image_id}: masks {objects[0].mask.shape} vs image "
                               f"{image.shape[:2]}")
-        return image, masks.astype(bool)
+        return image, object_masks(objects, image.shape[:2])
 
 
 class SA1BSource:
@@ -255,12 +241,19 @@ def select_masks(
 ) -> np.ndarray:
     """Drop tiny masks and masks covering more than ``max_fraction`` of the image, then sample
     at most ``max_masks`` (without replacement, keeping the original order)."""
+    return masks[select_mask_indices(masks, rng, max_masks, min_area, max_fraction)]
+
+
+def select_mask_indices(
+    masks: np.ndarray, rng: np.random.Generator, max_masks: int, min_area: int, max_fraction: float
+) -> np.ndarray:
+    """The indices of the masks :func:`select_masks` keeps, in order."""
     h, w = masks.shape[1:]
     area = masks.reshape(len(masks), h * w).sum(1)
-    masks = masks[(area >= min_area) & (area <= max_fraction * h * w)]
-    if len(masks) > max_masks:
-        masks = masks[np.sort(rng.choice(len(masks), max_masks, replace=False))]
-    return masks
+    indices = np.flatnonzero((area >= min_area) & (area <= max_fraction * h * w))
+    if len(indices) > max_masks:
+        indices = indices[np.sort(rng.choice(len(indices), max_masks, replace=False))]
+    return indices
 
 
 # ----------------------------------------------------------------------------------- dataset
@@ -270,6 +263,8 @@ class Sample:
     masks: np.ndarray  # N x h x w bool (N = 0 when the image has no usable mask)
     prompt_seed: int  # seeds this image's prompt simulation
     features: tuple[torch.Tensor, ...] | None = None  # cached stem outputs (FeatureCache)
+    # N x D cached CLIP crop embeddings of the masks (TextCache); NaN rows: none for that mask
+    text_embeddings: np.ndarray | None = None
 
 
 SampleKey = tuple[int, int]  # (epoch, index)
@@ -279,7 +274,8 @@ class TrainDataset(Dataset):
     """Concatenated sources with augmentation; indexed by ``(epoch, index)`` keys."""
 
     def __init__(self, sources: Sequence[MaskSource], aug: AugmentConfig, seed: int,
-                 feature_cache: FeatureCache | None = None) -> None:
+                 feature_cache: FeatureCache | None = None,
+                 text_cache: TextCache | None = None) -> None:
         self.sources = list(sources)
         self.aug = aug
         self.seed = seed
@@ -291,6 +287,9 @@ class TrainDataset(Dataset):
                                           or aug.copy_paste):
             raise SamkitError("cached stem features hold each image's inference view: "
                               "set scale_range: [1, 1], hflip: false, copy_paste: false")
+        self.text_cache = text_cache
+        if text_cache is not None and aug.copy_paste:
+            raise SamkitError("text prompts embed each source mask once: set copy_paste: false")
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -306,8 +305,11 @@ class TrainDataset(Dataset):
         if self.aug.copy_paste:
             other_image, other_masks = self.jittered(int(rng.integers(len(self))), rng)
             image, masks = copy_paste(image, masks, other_image, other_masks, rng)
-        masks = select_masks(masks, rng, self.aug.max_masks, self.aug.min_mask_area,
-                             self.aug.max_mask_fraction)
+        kept = select_mask_indices(masks, rng, self.aug.max_masks, self.aug.min_mask_area,
+                                   self.aug.max_mask_fraction)
+        masks = masks[kept]
+        # Jitter keeps the source's masks in order, so `kept` indexes the source masks.
+        text = None if self.text_cache is None else self.text_cache.lookup(index, kept)
         features = None
         if self.feature_cache is not None:
             block3, block4, size = self.feature_cache.load(index)
@@ -315,7 +317,7 @@ class TrainDataset(Dataset):
                 raise SamkitError(f"feature cache image #{index} is {tuple(size)}, the data "
                                   f"gives {image.shape[:2]}: the cache is stale")
             features = (block3, block4)
-        return Sample(image, masks, int(rng.integers(2**62)), features)
+        return Sample(image, masks, int(rng.integers(2**62)), features, text)
 
     def inference_view(self, index: int) -> np.ndarray:
         """Image ``index`` as inference sees it (resized to the input size, no flip): what
@@ -381,13 +383,15 @@ class Batch:
     masks: list[torch.Tensor]  # per image N_b x h_b x w_b bool
     prompt_seeds: list[int]
     features: tuple[torch.Tensor, ...] | None = None  # cached stem outputs, each B x ...
+    text_embeddings: list[torch.Tensor] | None = None  # per image N_b x D (NaN: none)
 
     def pin_memory(self) -> Batch:
         """Called by the DataLoader (``pin_memory=True``) for faster host-to-GPU copies."""
         features = None if self.features is None else tuple(f.pin_memory()
                                                              for f in self.features)
         return Batch(self.images.pin_memory(), self.sizes,
-                     [m.pin_memory() for m in self.masks], self.prompt_seeds, features)
+                     [m.pin_memory() for m in self.masks], self.prompt_seeds, features,
+                     self.text_embeddings)
 
     def to(self, device: torch.device) -> Batch:
         features = None if self.features is None else tuple(
@@ -398,6 +402,8 @@ class Batch:
             [m.to(device, non_blocking=True) for m in self.masks],
             self.prompt_seeds,
             features,
+            None if self.text_embeddings is None else [
+                t.to(device, non_blocking=True) for t in self.text_embeddings],
         )
 
 
@@ -415,7 +421,10 @@ def collate(samples: list[Sample], image_size: int) -> Batch:
     if samples and samples[0].features is not None:
         features = tuple(torch.stack(f) for f in zip(*(s.features for s in samples),
                                                      strict=True))
-    return Batch(images, sizes, masks, [s.prompt_seed for s in samples], features)
+    text = None
+    if samples and samples[0].text_embeddings is not None:
+        text = [torch.from_numpy(s.text_embeddings) for s in samples]
+    return Batch(images, sizes, masks, [s.prompt_seed for s in samples], features, text)
 
 
 def worker_init(_: int) -> None:

@@ -7,7 +7,10 @@ annotation session against the model and returns its 11 predictions:
 * iteration 0: a foreground point sampled uniformly in the mask, or the mask's bounding box
   with Gaussian noise on each coordinate (std = 10% of the box side, at most 20 px in the
   paper's 1024-px frame, i.e. scaled with the input size), with equal probability; the
-  decoder gives 3 masks (ambiguity-aware multimask output);
+  decoder gives 3 masks (ambiguity-aware multimask output). With text prompts on (App. D.5,
+  ``text_share``), a mask that has a CLIP embedding of its crop starts from that instead, with
+  probability ``text_share``, and keeps it through the session ("we supply the CLIP-based
+  prompt first, followed by additional iterative point prompts");
 * 8 iterations that each add one point sampled uniformly from the error region of the
   previous prediction (thresholded at 0 vs the ground truth): a false-negative pixel becomes
   a foreground point (label 1), a false-positive pixel a background point (label 0);
@@ -49,10 +52,9 @@ PAPER_INPUT_SIZE = 1024  # ... which is 1024 px
 # (rows R: which of the M masks, points R x P x 2, labels R x P, boxes R x 4 or None,
 #  mask prompt R x 1 x 4e x 4e or None, multimask)
 #   -> (low-res logits R x k x 4e x 4e, IoU predictions R x k), k = 3 or 1.
-Decoder = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool],
-    tuple[torch.Tensor, torch.Tensor],
-]
+# With text prompts on, it is also called with ``text=True`` for the rows prompted by their
+# text token (the decoder looks the rows' tokens up itself).
+Decoder = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -93,13 +95,17 @@ def simulate_prompts(
     schedule_generator: torch.Generator,
     num_iterations: int = PAPER_ITERATIONS,
     box_multimask: bool = True,
+    text_available: torch.Tensor | None = None,
+    text_share: float = 0.0,
 ) -> list[Prediction]:
     """Run the paper's 11-iteration interactive session for ``gt``: ``M x S x S`` bool masks
     in the padded input frame, false outside ``valid`` (``M x S x S``, each mask's image).
     ``num_iterations`` shortens it (see :func:`iteration_schedule`). With ``box_multimask``
     off, a first prompt that is a box trains the single output (token 0, what box prompts
     are answered with at inference, e.g. the box protocol of ``samkit eval points``); its
-    mask stands in for all 3 so the batch keeps one layout."""
+    mask stands in for all 3 so the batch keeps one layout. ``text_available`` (``M`` bool):
+    the masks that have a text token; each starts from it with probability ``text_share``
+    (drawn after the other first-prompt draws, so runs without text are unchanged)."""
     m, size = gt.shape[0], gt.shape[-1]
     rows = torch.arange(m, device=gt.device)
 
@@ -108,6 +114,9 @@ def simulate_prompts(
     first_point, _ = sample_uniform(gt, random)
     cap = BOX_NOISE_CAP_PX * size / PAPER_INPUT_SIZE
     boxes = noisy_boxes(mask_boxes(gt), valid_extent(valid), random, cap)
+    use_text = None
+    if text_available is not None:
+        use_text = text_available & (random.rand() < text_share)
 
     # Error points added later (the same layout for both prompt kinds): M x P x 2 and M x P.
     points = torch.zeros(m, 0, 2, device=gt.device)
@@ -124,7 +133,7 @@ def simulate_prompts(
         multimask = kind == "prompt"
         low_res, iou_pred = decode_mixed(
             decode, use_box, first_point, boxes, points, labels, mask_prompt, multimask,
-            box_multimask,
+            box_multimask, use_text,
         )
         predictions.append(Prediction(low_res, iou_pred, multimask, kind, points, labels))
 
@@ -232,16 +241,29 @@ def decode_mixed(
     mask_prompt: torch.Tensor | None,
     multimask: bool,
     box_multimask: bool = True,
+    use_text: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode masks whose first prompt was a box and masks whose first prompt was a point.
+    """Decode masks whose first prompt was a box and masks whose first prompt was a point
+    (and, with ``use_text``, masks whose first prompt is their text token).
 
-    The two groups have different token layouts (box corners + points, vs points + the
-    "not a point" pad the official model expects without a box), so they are decoded in two
-    batched calls and put back in the original order.
+    The groups have different token layouts (box corners + points, vs points + the
+    "not a point" pad the official model expects without a box, vs error points + the pad
+    carrying the text), so they are decoded in separate batched calls and put back in the
+    original order.
     """
     outputs, order = [], []
+    if use_text is not None:
+        rows = use_text.nonzero()[:, 0]
+        if len(rows):
+            outputs.append(decode(rows, points[rows], labels[rows], None,
+                                  mask_prompt[rows] if mask_prompt is not None else None,
+                                  multimask, text=True))
+            order.append(rows)
     for box_group in (True, False):
-        rows = (use_box == box_group).nonzero()[:, 0]
+        group = use_box == box_group
+        if use_text is not None:
+            group = group & ~use_text
+        rows = group.nonzero()[:, 0]
         if len(rows) == 0:
             continue
         group_points, group_labels = points[rows], labels[rows]

@@ -69,7 +69,8 @@ class TrainStep(nn.Module):
     def __init__(self, sam: Sam, frozen_encoder: bool, seed: int,
                  loss_resolution: str = "input",
                  prompt_iterations: Sequence[tuple[int, int]] = ((0, PAPER_ITERATIONS),),
-                 loss_weights: LossWeights = LossWeights(), box_multimask: bool = True) -> None:
+                 loss_weights: LossWeights = LossWeights(), box_multimask: bool = True,
+                 text_share: float = 0.0) -> None:
         super().__init__()
         self.sam = sam
         self.frozen_encoder = frozen_encoder
@@ -78,6 +79,7 @@ class TrainStep(nn.Module):
         self.prompt_iterations = sorted(tuple(p) for p in prompt_iterations)
         self.loss_weights = loss_weights
         self.box_multimask = box_multimask
+        self.text_share = text_share  # App. D.5: share of masks prompted by their crop's CLIP
         self.timer = StepTimer(sam.device)
 
     def iterations_at(self, step: int) -> int:
@@ -134,9 +136,18 @@ class TrainStep(nn.Module):
         valid = valid_regions(batch.sizes, size).to(device)[image_of_mask]
         image_pe = sam.prompt_encoder.get_dense_pe()
 
-        def decode(rows, points, labels, boxes, mask_prompt, multimask):
+        # Text prompts (App. D.5): the batch's cached CLIP crop embeddings (NaN rows: masks
+        # without one), projected by the text slot once per step for all iterations.
+        text_tokens = text_available = None
+        if batch.text_embeddings is not None and sam.text_prompt is not None and len(gt):
+            clip = torch.cat(batch.text_embeddings).to(device, torch.float)
+            text_available = torch.isfinite(clip).all(dim=1)
+            text_tokens = sam.text_prompt(torch.nan_to_num(clip, nan=0.0))
+
+        def decode(rows, points, labels, boxes, mask_prompt, multimask, text=False):
             sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=boxes,
-                                               masks=mask_prompt)
+                                               masks=mask_prompt,
+                                               text=text_tokens[rows] if text else None)
             return sam.mask_decoder(embeddings[image_of_mask[rows]], image_pe, sparse, dense,
                                     multimask)
 
@@ -150,7 +161,8 @@ class TrainStep(nn.Module):
             )
             schedule = torch.Generator().manual_seed(schedule_seed(self.seed, step))
             predictions = simulate_prompts(decode, gt, valid, random, schedule,
-                                           self.iterations_at(step), self.box_multimask)
+                                           self.iterations_at(step), self.box_multimask,
+                                           text_available, self.text_share)
             if self.loss_resolution == "low":
                 low = predictions[0].low_res.shape[-1]
                 gt_low, valid_low = to_low_res(gt, low), to_low_res(valid, low)

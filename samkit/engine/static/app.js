@@ -1,15 +1,20 @@
 // samkit annotate: the browser side of the data engine. Plain JS, no build step.
 //
-// The server keeps the image embedding, so each prompt is one small JSON request; masks come
-// back as COCO RLE, decoded here and drawn on an overlay. Accepting sends the chosen mask's
-// RLE back with the prompt that made it and the seconds spent.
+// With the browser runtime installed (scripts/get_web_runtime.sh), the page decodes every
+// hover, click and box itself (decoder.js) from the image embedding the server computed
+// once; otherwise each prompt is one small JSON request and masks come back as COCO RLE.
+// Either way accepting sends the chosen mask's RLE back with the prompt that made it and the
+// seconds spent; the server checks and stores it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const canvas = $("canvas");
 const ctx = canvas.getContext("2d");
 
-const HOVER_DELAY_MS = 120; // debounce: preview once the pointer rests
+const HOVER_DELAY_MS = 120; // debounce: preview once the pointer rests (server decoding)
+const LOCAL_HOVER_DELAY_MS = 30; // decoding in the page costs the server nothing
+const EXPORT_POLL_MS = 2000; // while the server exports the page's decoder graphs
+const MAX_TIMINGS = 5000;
 const DRAG_PX = 5; // a press that moves further is a box, not a click
 const MAX_SECONDS = 600; // longer between two accepts is a break, not annotation time
 const PREDICTION_RGBA = [30, 144, 255, 150];
@@ -25,7 +30,12 @@ const state = {
   box: null, // [x0, y0, x1, y1]
   dragStart: null,
   dragBox: null,
-  prediction: null, // {masks: [{segmentation, score, ...}], choice, modelVersion, layers: []}
+  // {masks: [{score, area, bbox, segmentation (server) or bits (page)}], choice,
+  //  modelVersion, layers: [], lowRes: [Float32Array] (page only)}
+  prediction: null,
+  maskInputs: [], // per prompt step, the low-res logits the page refines from (or null)
+  decoder: null, // SamkitDecoder.BrowserDecoder once ready; null: the server decodes
+  decoderSeq: 0,
   hover: null, // {layer}
   annotations: [], // visible annotations of this image, each with .layer (a canvas)
   selected: null, // annotation id
@@ -242,13 +252,65 @@ function imagePoint(event) {
   return [clamp(x, canvas.width), clamp(y, canvas.height)];
 }
 
+// A mask the page decoded, as a layer like maskLayer's (no RLE round trip).
+function bitsLayer(mask, width, rgba) {
+  const [bx, by, bw, bh] = mask.bbox;
+  const layer = document.createElement("canvas");
+  layer.width = Math.max(1, bw);
+  layer.height = Math.max(1, bh);
+  const pixels = new ImageData(layer.width, layer.height);
+  const data = pixels.data;
+  for (let y = 0; y < bh; y++) {
+    const row = (by + y) * width + bx;
+    for (let x = 0; x < bw; x++) {
+      if (mask.bits[row + x]) {
+        const o = (y * layer.width + x) * 4;
+        data[o] = rgba[0]; data[o + 1] = rgba[1]; data[o + 2] = rgba[2]; data[o + 3] = rgba[3];
+      }
+    }
+  }
+  layer.getContext("2d").putImageData(pixels, 0, 0);
+  layer.bbox = mask.bbox;
+  return layer;
+}
+
 // ------------------------------------------------------------------------------- prompting
 function promptBody(extraPoint) {
   const points = extraPoint ? [...state.points, extraPoint] : state.points;
   return { points, box: state.box };
 }
 
-async function decode() {
+// The server's rule (samkit.prompts.wants_multimask): 3 masks for an ambiguous prompt, one
+// point alone or one box alone.
+function wantsMultimask(points, box) {
+  return box ? points.length === 0 : points.length === 1;
+}
+
+// The page's decoder, when it holds the current image's embedding.
+function localDecoder() {
+  const d = state.decoder;
+  return d && d.image && state.info && d.image.id === state.info.id ? d : null;
+}
+
+function argmax(values) {
+  return values.reduce((best, v, i) => (v > values[best] ? i : best), 0);
+}
+
+// Per-click timings, for benchmarks/browser_decoder.py: the decode alone, and from the
+// click (the mouseup event) to the frame that shows its mask.
+window.samkitTimings = [];
+
+function recordTiming(since, entry) {
+  requestAnimationFrame(() => setTimeout(() => {
+    if (since !== undefined) entry.paint_ms = performance.now() - since;
+    window.samkitTimings.push(entry);
+    if (window.samkitTimings.length > MAX_TIMINGS) window.samkitTimings.shift();
+    canvas.dataset.decodes = String(Number(canvas.dataset.decodes || 0) + 1);
+  }));
+}
+
+// `since`: the click's event time (performance.now clock), for click-to-paint.
+async function decode(since) {
   const seq = ++state.decodeSeq;
   if (!state.points.length && !state.box) {
     state.prediction = null;
@@ -256,29 +318,61 @@ async function decode() {
     return;
   }
   const id = state.info.id;
+  const local = localDecoder();
   try {
-    const result = await api("POST", `/api/images/${id}/decode`, promptBody());
-    if (seq !== state.decodeSeq || !state.info || state.info.id !== id) return; // stale
-    state.prediction = {
-      masks: result.masks,
-      choice: result.best,
-      modelVersion: result.model_version,
-      layers: result.masks.map((m) => maskLayer(m.segmentation, m.bbox, PREDICTION_RGBA)),
-    };
+    let prediction, ms, entry;
+    if (local) {
+      const maskInput = state.maskInputs.length ? state.maskInputs[state.maskInputs.length - 1]
+        : null;
+      const result = await local.decode({
+        points: state.points, box: state.box, maskInput,
+        multimask: wantsMultimask(state.points, state.box),
+      });
+      if (seq !== state.decodeSeq || !state.info || state.info.id !== id) return; // stale
+      const scores = result.masks.map((m) => m.score);
+      prediction = {
+        masks: result.masks, choice: argmax(scores), modelVersion: local.version,
+        lowRes: result.lowRes,
+        layers: result.masks.map((m) => bitsLayer(m, state.info.width, PREDICTION_RGBA)),
+      };
+      ms = result.ms;
+      entry = { decoder: "browser", graph: local.graph, threads: local.threads,
+        decode_ms: result.ms };
+    } else {
+      const result = await api("POST", `/api/images/${id}/decode`, promptBody());
+      if (seq !== state.decodeSeq || !state.info || state.info.id !== id) return; // stale
+      prediction = {
+        masks: result.masks, choice: result.best, modelVersion: result.model_version,
+        layers: result.masks.map((m) => maskLayer(m.segmentation, m.bbox, PREDICTION_RGBA)),
+      };
+      ms = result.server_ms;
+      entry = { decoder: "server", decode_ms: result.decode_ms, server_ms: result.server_ms };
+    }
+    state.prediction = prediction;
     state.hover = null;
-    const many = result.masks.length > 1 ? ` — Tab for the other ${result.masks.length - 1}` : "";
-    setStatus(`Mask ${result.best + 1} of ${result.masks.length} (score ` +
-      `${result.masks[result.best].score.toFixed(2)}, ${result.server_ms.toFixed(0)} ms)` +
-      `${many}; Enter accepts.`);
+    const n = prediction.masks.length, best = prediction.choice;
+    const many = n > 1 ? ` — Tab for the other ${n - 1}` : "";
+    const where = local ? "in this page" : "on the server";
+    setStatus(`Mask ${best + 1} of ${n} (score ${prediction.masks[best].score.toFixed(2)}, ` +
+      `${ms.toFixed(0)} ms ${where})${many}; Enter accepts.`);
     render();
+    recordTiming(since, entry);
   } catch (err) {
     report(err, "Segmenting");
   }
 }
 
+// A new point refines the mask shown now (its low-res logits become the mask prompt, as in
+// the paper's demo); a new box starts afresh.
+function pushMaskInput(refine) {
+  const p = state.prediction;
+  state.maskInputs.push(refine && p && p.lowRes ? p.lowRes[p.choice] : null);
+}
+
 function schedulePreview(point) {
   clearTimeout(state.hoverTimer);
-  state.hoverTimer = setTimeout(() => preview(point), HOVER_DELAY_MS);
+  const delay = localDecoder() ? LOCAL_HOVER_DELAY_MS : HOVER_DELAY_MS;
+  state.hoverTimer = setTimeout(() => preview(point), delay);
 }
 
 async function preview(point) {
@@ -287,6 +381,23 @@ async function preview(point) {
   state.hoverAbort = new AbortController();
   const seq = ++state.hoverSeq;
   const id = state.info.id;
+  const local = localDecoder();
+  if (local) {
+    if (local.busy()) return; // a click is being decoded: the preview would be stale anyway
+    try {
+      const p = state.prediction;
+      const result = await local.decode({
+        ...promptBody([point[0], point[1], 1]), multimask: false,
+        maskInput: p && p.lowRes && state.points.length ? p.lowRes[p.choice] : null,
+      });
+      if (seq !== state.hoverSeq || !state.info || state.info.id !== id) return;
+      state.hover = { layer: bitsLayer(result.masks[0], state.info.width, HOVER_RGBA) };
+      render();
+    } catch (err) {
+      report(err, "Preview");
+    }
+    return;
+  }
   try {
     const body = { ...promptBody([point[0], point[1], 1]), preview: true, multimask: false };
     const result = await api("POST", `/api/images/${id}/decode`, body,
@@ -315,6 +426,7 @@ function clearPrompt() {
   state.points = [];
   state.box = null;
   state.prediction = null;
+  state.maskInputs = [];
   state.decodeSeq++;
   state.undo = state.undo.filter((u) => u.type !== "point" && u.type !== "box");
   render();
@@ -351,14 +463,16 @@ canvas.addEventListener("mouseup", (e) => {
     state.dragBox = null;
     if (box[2] - box[0] < 1 || box[3] - box[1] < 1) return render();
     state.undo.push({ type: "box", previous: state.box });
+    pushMaskInput(false);
     state.box = box;
   } else {
     const label = e.button === 2 || e.altKey ? 0 : 1;
+    pushMaskInput(true);
     state.points.push([...start.point, label]);
     state.undo.push({ type: "point" });
   }
   render();
-  decode();
+  decode(e.timeStamp);
 });
 
 canvas.addEventListener("mouseleave", () => {
@@ -404,7 +518,9 @@ async function accept() {
   }
   const mask = p.masks[p.choice];
   const body = {
-    segmentation: mask.segmentation,
+    // A mask decoded in the page is encoded here; the server checks it like any other.
+    segmentation: mask.segmentation ||
+      SamkitDecoder.rleEncode(mask.bits, state.info.height, state.info.width),
     prompts: { points: state.points, box: state.box },
     score: mask.score,
     seconds: secondsSpent(),
@@ -419,6 +535,7 @@ async function accept() {
     state.points = [];
     state.box = null;
     state.prediction = null;
+    state.maskInputs = [];
     state.undo = state.undo.filter((u) => u.type !== "point" && u.type !== "box");
     setStatus(`Accepted mask #${saved.id} (${saved.area} px). Click the next object.`);
     afterChange();
@@ -462,9 +579,11 @@ async function undo() {
   }
   if (last.type === "point") {
     state.points.pop();
+    state.maskInputs.pop();
     decode();
   } else if (last.type === "box") {
     state.box = last.previous;
+    state.maskInputs.pop();
     decode();
   } else if (last.type === "accept") {
     await deleteAnnotation(last.id, { undoable: false });
@@ -561,7 +680,7 @@ async function openImage(index) {
   cancelPreview();
   Object.assign(state, {
     index, info: null, points: [], box: null, prediction: null, hover: null,
-    annotations: [], selected: null, undo: [],
+    annotations: [], selected: null, undo: [], maskInputs: [],
   });
   showImages();
   showMasks();
@@ -582,6 +701,8 @@ async function openImage(index) {
     if (seq !== state.loadSeq) return;
     state.info = summary;
     state.shownAt = performance.now();
+    await attachImage();
+    if (seq !== state.loadSeq) return;
     await loadAnnotations();
     const found = ready.candidates_added ? ` ${ready.candidates_added} candidate masks added.` : "";
     setStatus(`Ready: click an object (hover to preview).${found}`);
@@ -704,6 +825,7 @@ $("model-version").addEventListener("change", async (e) => {
     await withRetry(() => api("POST", "/api/models/current", { version: Number(e.target.value) }),
       "Switching model");
     await loadModels();
+    initDecoder(); // new graphs and embeddings (the old ones are dropped from the cache)
     openImage(state.index); // the new model needs this image's embedding
   } catch (err) {
     report(err, "Switching model");
@@ -770,12 +892,75 @@ window.addEventListener("resize", () => {
   render();
 });
 
+// ---------------------------------------------------------------------- the page's decoder
+function showDecoder(text, where) {
+  const el = $("decoder");
+  el.textContent = text;
+  el.className = where;
+  canvas.dataset.decoder = where;
+}
+
+// Decode in this page when the server offers graphs and the runtime loads; else (and until
+// then) on the server. URL options: ?decoder=server, ?graph=int8, ?threads=N.
+async function initDecoder() {
+  const seq = ++state.decoderSeq;
+  state.decoder = null;
+  const params = new URLSearchParams(location.search);
+  if (params.get("decoder") === "server") {
+    showDecoder("Decoding on the server (?decoder=server)", "server");
+    return;
+  }
+  try {
+    let manifest = await api("GET", "/api/decoder");
+    while (manifest.state === "exporting") {
+      showDecoder(`Decoding on the server for now: ${manifest.reason}`, "server");
+      await new Promise((resolve) => setTimeout(resolve, EXPORT_POLL_MS));
+      if (seq !== state.decoderSeq) return;
+      manifest = await api("GET", "/api/decoder");
+    }
+    if (seq !== state.decoderSeq) return;
+    if (!manifest.available) {
+      showDecoder(`Decoding on the server: ${manifest.reason}`, "server");
+      return;
+    }
+    const isolated = window.crossOriginIsolated === true;
+    const threads = params.has("threads") ? Math.max(1, Number(params.get("threads")) || 1)
+      : isolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
+    const decoder = await SamkitDecoder.BrowserDecoder.create(manifest,
+      { graph: params.get("graph") || "fp32", threads });
+    if (seq !== state.decoderSeq) return;
+    state.decoder = decoder;
+    showDecoder(`Decoding in this page (onnxruntime-web, ${decoder.graph}, ` +
+      `${threads} thread${threads > 1 ? "s" : ""}, model v${decoder.version})`, "browser");
+    await attachImage();
+  } catch (err) {
+    if (seq !== state.decoderSeq) return;
+    state.decoder = null;
+    showDecoder(`Decoding on the server: the page's decoder did not start (${err.message})`,
+      "server");
+  }
+}
+
+// Give the page's decoder the current image's embedding (from IndexedDB when seen before).
+async function attachImage() {
+  const decoder = state.decoder, info = state.info;
+  if (!decoder || !info) return;
+  try {
+    await decoder.setImage(info.id, info.height, info.width);
+    if (state.decoder === decoder && state.info === info) canvas.dataset.local = String(info.id);
+  } catch (err) {
+    if (err.status === 409) initDecoder(); // the server loaded another model version
+    else report(err, "Fetching the embedding");
+  }
+}
+
 async function start() {
   try {
     const project = await api("GET", "/api/project");
     $("project-name").textContent = project.name;
     $("stage").value = String(project.settings.stage);
     await loadModels();
+    initDecoder();
     await refreshSummary();
     if (state.images.length) {
       const firstOpen = state.images.findIndex((img) => img.accepted === 0);
