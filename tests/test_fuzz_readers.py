@@ -15,26 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from samkit.errors import SamkitError
-
-SCALE = float(os.environ.get("SAMKIT_FUZZ_SCALE", "1"))
-
-
-def fuzz(examples: int) -> settings:
-    return settings(max_examples=max(1, int(examples * SCALE)), derandomize=True, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                           HealthCheck.too_slow])
-
-
-def one_line(err: SamkitError) -> None:
-    text = str(err)
-    assert text and "\n" not in text and "Traceback" not in text
-
+from test_fuzz import fuzz, one_line  # the same bounds and one-line rule as every fuzz test
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
