@@ -63,6 +63,20 @@ GRABCUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "grabcut" / 
 TIMEOUT_MS = 60_000
 
 
+@contextmanager
+def chromium_page(accept_downloads: bool = False) -> Iterator[Any]:
+    """A page of a fresh headless Debian chromium (closed afterwards), at the app's size."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1180, "height": 640},
+                                    accept_downloads=accept_downloads)
+            page.set_default_timeout(TIMEOUT_MS)
+            yield page
+        finally:
+            browser.close()
+
+
 def photos(folder: Path) -> Path:
     """Two photos from ../shared when present (nicer in the screenshot), else drawn ones."""
     folder.mkdir()
@@ -133,75 +147,69 @@ OVERLAY_PIXELS = """() => {
 
 def test_click_accept_next_export_in_chromium(server, tmp_path: Path) -> None:
     url, project = server
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1180, "height": 640}, accept_downloads=True)
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url)
-            page.wait_for_selector("#canvas[data-ready='1']")
-            assert "Ready" in page.inner_text("#status")
-            assert "Enter" in page.inner_text("#shortcuts")
-            # The small test model has random weights: the page must say so beside its masks.
-            badge = page.locator("#model-badge.untrained")
-            assert "UNTRAINED" in badge.inner_text() and "weights: " in badge.inner_text()
+    with chromium_page(accept_downloads=True) as page:
+        page.goto(url)
+        page.wait_for_selector("#canvas[data-ready='1']")
+        assert "Ready" in page.inner_text("#status")
+        assert "Enter" in page.inner_text("#shortcuts")
+        # The small test model has random weights: the page must say so beside its masks.
+        badge = page.locator("#model-badge.untrained")
+        assert "UNTRAINED" in badge.inner_text() and "weights: " in badge.inner_text()
 
-            page.keyboard.press("Enter")  # nothing to accept yet: a clear message
-            page.wait_for_selector("#status.error")
-            assert "click on an object first" in page.inner_text("#status")
+        page.keyboard.press("Enter")  # nothing to accept yet: a clear message
+        page.wait_for_selector("#status.error")
+        assert "click on an object first" in page.inner_text("#status")
 
-            assert page.evaluate(OVERLAY_PIXELS) == 0
-            box = page.locator("#canvas").bounding_box()
-            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
-            page.wait_for_function("document.getElementById('canvas').dataset.prediction === '3'")
-            assert page.evaluate(OVERLAY_PIXELS) > 100  # the mask is drawn over the image
-            status = page.inner_text("#status")
-            assert "Mask" in status and "of 3" in status
-            # The cycle button says which of the 3 masks is shown, and moves with Tab.
-            shown = page.inner_text("#cycle")
-            assert shown.startswith("Mask ") and "of 3" in shown and page.is_enabled("#cycle")
-            page.keyboard.press("Tab")
-            assert "Mask" in page.inner_text("#status")
-            assert page.inner_text("#cycle") != shown
-            page.keyboard.press("Enter")
+        assert page.evaluate(OVERLAY_PIXELS) == 0
+        box = page.locator("#canvas").bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
+        page.wait_for_function("document.getElementById('canvas').dataset.prediction === '3'")
+        assert page.evaluate(OVERLAY_PIXELS) > 100  # the mask is drawn over the image
+        status = page.inner_text("#status")
+        assert "Mask" in status and "of 3" in status
+        # The cycle button says which of the 3 masks is shown, and moves with Tab.
+        shown = page.inner_text("#cycle")
+        assert shown.startswith("Mask ") and "of 3" in shown and page.is_enabled("#cycle")
+        page.keyboard.press("Tab")
+        assert "Mask" in page.inner_text("#status")
+        assert page.inner_text("#cycle") != shown
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "document.getElementById('canvas').dataset.annotations === '1'")
+        assert "Accepted mask" in page.inner_text("#status")
+        assert "1 accepted" in page.text_content("#mask-count")
+        # The stats table fits the side panel: nothing clipped or scrolled sideways.
+        page.wait_for_function("document.querySelectorAll('#stats tbody tr').length >= 2")
+        assert "1 manual" in page.inner_text("#stats")
+        assert page.evaluate("(() => { const p = document.getElementById('panel');"
+                             " return p.scrollWidth <= p.clientWidth; })()")
+        stored = project.db.annotations(1)
+        assert len(stored) == 1 and stored[0]["prompts"]["points"][0][2] == 1
+
+        screenshot = os.environ.get("SAMKIT_ENGINE_SCREENSHOT")
+        if screenshot:
+            page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4)
             page.wait_for_function(
-                "document.getElementById('canvas').dataset.annotations === '1'")
-            assert "Accepted mask" in page.inner_text("#status")
-            assert "1 accepted" in page.text_content("#mask-count")
-            # The stats table fits the side panel: nothing clipped or scrolled sideways.
-            page.wait_for_function("document.querySelectorAll('#stats tbody tr').length >= 2")
-            assert "1 manual" in page.inner_text("#stats")
-            assert page.evaluate("(() => { const p = document.getElementById('panel');"
-                                 " return p.scrollWidth <= p.clientWidth; })()")
-            stored = project.db.annotations(1)
-            assert len(stored) == 1 and stored[0]["prompts"]["points"][0][2] == 1
+                "document.getElementById('canvas').dataset.prediction !== '0'")
+            save_screenshot(page.screenshot(), Path(screenshot))
+            page.keyboard.press("Escape")
 
-            screenshot = os.environ.get("SAMKIT_ENGINE_SCREENSHOT")
-            if screenshot:
-                page.mouse.click(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4)
-                page.wait_for_function(
-                    "document.getElementById('canvas').dataset.prediction !== '0'")
-                save_screenshot(page.screenshot(), Path(screenshot))
-                page.keyboard.press("Escape")
+        page.keyboard.press("ArrowRight")
+        page.wait_for_selector("#canvas[data-ready='2']")
+        assert page.get_attribute("#image-list li:nth-child(2)", "aria-current") == "true"
 
-            page.keyboard.press("ArrowRight")
-            page.wait_for_selector("#canvas[data-ready='2']")
-            assert page.get_attribute("#image-list li:nth-child(2)", "aria-current") == "true"
+        good, bad = tmp_path / "my upload (1).png", tmp_path / "bad.png"
+        Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(good)
+        bad.write_bytes(b"this is not a picture")
+        page.set_input_files("#upload", str(bad))
+        page.wait_for_selector("#status.error")
+        assert "not an image" in page.inner_text("#status")
+        page.set_input_files("#upload", str(good))
+        page.wait_for_selector("#image-list li:has-text('my_upload__1_.png')")
 
-            good, bad = tmp_path / "my upload (1).png", tmp_path / "bad.png"
-            Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(good)
-            bad.write_bytes(b"this is not a picture")
-            page.set_input_files("#upload", str(bad))
-            page.wait_for_selector("#status.error")
-            assert "not an image" in page.inner_text("#status")
-            page.set_input_files("#upload", str(good))
-            page.wait_for_selector("#image-list li:has-text('my_upload__1_.png')")
-
-            with page.expect_download() as download:
-                page.click("#export-coco")
-            exported = json.loads(Path(download.value.path()).read_text())
-        finally:
-            browser.close()
+        with page.expect_download() as download:
+            page.click("#export-coco")
+        exported = json.loads(Path(download.value.path()).read_text())
     assert [a["image_id"] for a in exported["annotations"]] == [1]
     assert exported["annotations"][0]["segmentation"] == stored[0]["segmentation"]
     assert exported["annotations"][0]["area"] == stored[0]["area"] > 0
@@ -282,78 +290,72 @@ def test_browser_decoder_matches_the_server(name: str, tmp_path: Path) -> None:
     project = open_project(tmp_path / "project", photos(tmp_path / "src"), None, None)
     service = ModelService(project, "cpu", loader=model_loader(MODELS[name]))
     with serving(project, service, prefetch=False) as url, \
-            sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1180, "height": 640})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url)
-            # Ready, or a reason shown (a failed export says why instead of timing out).
-            page.wait_for_function(
-                "document.getElementById('canvas').dataset.local === '1' || "
-                "/failed|did not start/.test(document.getElementById('decoder').textContent)",
-                timeout=EXPORT_MS)
-            assert page.get_attribute("#canvas", "data-decoder") == "browser", \
-                page.inner_text("#decoder")
-            assert page.evaluate("crossOriginIsolated")  # COOP/COEP: wasm threads allowed
-            assert "Decoding in this page" in page.inner_text("#decoder")
-            box = page.locator("#canvas").bounding_box()
+            chromium_page() as page:
+        page.goto(url)
+        # Ready, or a reason shown (a failed export says why instead of timing out).
+        page.wait_for_function(
+            "document.getElementById('canvas').dataset.local === '1' || "
+            "/failed|did not start/.test(document.getElementById('decoder').textContent)",
+            timeout=EXPORT_MS)
+        assert page.get_attribute("#canvas", "data-decoder") == "browser", \
+            page.inner_text("#decoder")
+        assert page.evaluate("crossOriginIsolated")  # COOP/COEP: wasm threads allowed
+        assert "Decoding in this page" in page.inner_text("#decoder")
+        box = page.locator("#canvas").bounding_box()
 
-            def at(fx: float, fy: float) -> tuple[float, float]:
-                return box["x"] + box["width"] * fx, box["y"] + box["height"] * fy
+        def at(fx: float, fy: float) -> tuple[float, float]:
+            return box["x"] + box["width"] * fx, box["y"] + box["height"] * fy
 
-            # One click: 3 masks, each the server's.
-            before = decodes(page)
-            page.mouse.click(*at(0.5, 0.55))
-            one = wait_decode(page, before)
-            assert one["decoder"] == "browser" and len(one["masks"]) == 3
-            prompts = {"points": one["points"], "box": one["box"]}
-            for ours, theirs in zip(one["masks"], server_decode(url, prompts), strict=True):
-                assert mask_iou(rle_mask(ours), theirs) >= MATCH_IOU
+        # One click: 3 masks, each the server's.
+        before = decodes(page)
+        page.mouse.click(*at(0.5, 0.55))
+        one = wait_decode(page, before)
+        assert one["decoder"] == "browser" and len(one["masks"]) == 3
+        prompts = {"points": one["points"], "box": one["box"]}
+        for ours, theirs in zip(one["masks"], server_decode(url, prompts), strict=True):
+            assert mask_iou(rle_mask(ours), theirs) >= MATCH_IOU
 
-            # A second click refines the shown mask: the server's predictor with the same
-            # low-res logits as the mask prompt.
-            before = decodes(page)
-            page.mouse.click(*at(0.3, 0.4), button="right")
-            two = wait_decode(page, before)
-            assert len(two["masks"]) == 1 and two["points"][1][2] == 0
-            reference = refined_reference(service, project, one, two)
-            assert mask_iou(rle_mask(two["masks"][0]), reference) >= MATCH_IOU
+        # A second click refines the shown mask: the server's predictor with the same
+        # low-res logits as the mask prompt.
+        before = decodes(page)
+        page.mouse.click(*at(0.3, 0.4), button="right")
+        two = wait_decode(page, before)
+        assert len(two["masks"]) == 1 and two["points"][1][2] == 0
+        reference = refined_reference(service, project, one, two)
+        assert mask_iou(rle_mask(two["masks"][0]), reference) >= MATCH_IOU
 
-            # Accept: the server stores exactly the page's mask.
-            page.keyboard.press("Enter")
-            page.wait_for_function(
-                "document.getElementById('canvas').dataset.annotations === '1'")
-            stored = project.db.annotations(1)[0]
-            assert stored["segmentation"]["counts"] == two["masks"][0]["counts"]
-            assert stored["prompts"]["points"] == two["points"]
+        # Accept: the server stores exactly the page's mask.
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "document.getElementById('canvas').dataset.annotations === '1'")
+        stored = project.db.annotations(1)[0]
+        assert stored["segmentation"]["counts"] == two["masks"][0]["counts"]
+        assert stored["prompts"]["points"] == two["points"]
 
-            # A box alone: 3 masks again.
-            before = decodes(page)
-            start, end = at(0.25, 0.3), at(0.75, 0.8)
-            page.mouse.move(*start)
-            page.mouse.down()
-            page.mouse.move(*end, steps=5)
-            page.mouse.up()
-            boxed = wait_decode(page, before)
-            assert boxed["box"] is not None and not boxed["points"]
-            server = server_decode(url, {"points": [], "box": boxed["box"]})
-            for ours, theirs in zip(boxed["masks"], server, strict=True):
-                assert mask_iou(rle_mask(ours), theirs) >= MATCH_IOU
-            page.keyboard.press("Escape")
+        # A box alone: 3 masks again.
+        before = decodes(page)
+        start, end = at(0.25, 0.3), at(0.75, 0.8)
+        page.mouse.move(*start)
+        page.mouse.down()
+        page.mouse.move(*end, steps=5)
+        page.mouse.up()
+        boxed = wait_decode(page, before)
+        assert boxed["box"] is not None and not boxed["points"]
+        server = server_decode(url, {"points": [], "box": boxed["box"]})
+        for ours, theirs in zip(boxed["masks"], server, strict=True):
+            assert mask_iou(rle_mask(ours), theirs) >= MATCH_IOU
+        page.keyboard.press("Escape")
 
-            # Next image and back: the first image's embedding comes from IndexedDB.
-            fetched = page.evaluate("state.decoder.bytes.embeddings")
-            page.keyboard.press("ArrowRight")
-            page.wait_for_selector("#canvas[data-local='2']")
-            second = page.evaluate("state.decoder.bytes.embeddings")
-            assert second > fetched
-            page.keyboard.press("ArrowLeft")
-            page.wait_for_selector("#canvas[data-local='1']")
-            assert page.evaluate("state.decoder.bytes.embeddings") == second
-            assert all(t["decoder"] == "browser" for t in page.evaluate("samkitTimings"))
-        finally:
-            browser.close()
+        # Next image and back: the first image's embedding comes from IndexedDB.
+        fetched = page.evaluate("state.decoder.bytes.embeddings")
+        page.keyboard.press("ArrowRight")
+        page.wait_for_selector("#canvas[data-local='2']")
+        second = page.evaluate("state.decoder.bytes.embeddings")
+        assert second > fetched
+        page.keyboard.press("ArrowLeft")
+        page.wait_for_selector("#canvas[data-local='1']")
+        assert page.evaluate("state.decoder.bytes.embeddings") == second
+        assert all(t["decoder"] == "browser" for t in page.evaluate("samkitTimings"))
 
 
 def refined_reference(service: ModelService, project: Project, one: dict,
@@ -380,25 +382,19 @@ def test_without_the_runtime_the_server_decodes(tmp_path: Path) -> None:
     project = open_project(tmp_path / "project", photos(tmp_path / "src"), None, None)
     service = ModelService(project, "cpu", loader=small_loader)
     with serving(project, service, prefetch=False, runtime_dir=tmp_path / "no-ort") as url, \
-            sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1180, "height": 640})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url)
-            page.wait_for_selector("#canvas[data-ready='1'][data-decoder='server']")
-            note = page.inner_text("#decoder")
-            assert "Decoding on the server" in note and "runtime is not installed" in note
-            box = page.locator("#canvas").bounding_box()
-            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
-            page.wait_for_function("document.getElementById('canvas').dataset.decodes === '1'")
-            assert page.evaluate("samkitTimings[0].decoder") == "server"
-            assert "on the server" in page.inner_text("#status")
-            page.keyboard.press("Enter")
-            page.wait_for_function(
-                "document.getElementById('canvas').dataset.annotations === '1'")
-        finally:
-            browser.close()
+            chromium_page() as page:
+        page.goto(url)
+        page.wait_for_selector("#canvas[data-ready='1'][data-decoder='server']")
+        note = page.inner_text("#decoder")
+        assert "Decoding on the server" in note and "runtime is not installed" in note
+        box = page.locator("#canvas").bounding_box()
+        page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
+        page.wait_for_function("document.getElementById('canvas').dataset.decodes === '1'")
+        assert page.evaluate("samkitTimings[0].decoder") == "server"
+        assert "on the server" in page.inner_text("#status")
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "document.getElementById('canvas').dataset.annotations === '1'")
 
 
 IDB_KEYS = """() => new Promise((resolve, reject) => {
@@ -421,29 +417,23 @@ def test_a_new_model_version_replaces_the_pages_cache(tmp_path: Path) -> None:
     first = service.version
     second = project.db.add_model_version(first.model, None, first.id, note={"steps": 1})
     with serving(project, service, prefetch=False) as url, \
-            sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1180, "height": 640})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url)
-            page.wait_for_selector("#canvas[data-local='1']", timeout=EXPORT_MS)
-            assert any(f":v{first.id}:1" in key for key in page.evaluate(IDB_KEYS))
-            page.select_option("#model-version", str(second.id))
-            page.wait_for_function(
-                f"state.decoder && state.decoder.version === {second.id} && "
-                "document.getElementById('canvas').dataset.local === '1' && "
-                "state.decoder.image !== null", timeout=EXPORT_MS)
-            assert f"model v{second.id}" in page.inner_text("#decoder")
-            keys = [k for k in page.evaluate(IDB_KEYS) if k.startswith("emb:")]
-            assert keys and all(f":v{second.id}:" in key for key in keys)
-            box = page.locator("#canvas").bounding_box()
-            before = decodes(page)
-            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
-            assert wait_decode(page, before)["decoder"] == "browser"
-            page.keyboard.press("Enter")
-            page.wait_for_function(
-                "document.getElementById('canvas').dataset.annotations === '1'")
-            assert project.db.annotations(1)[0]["model_version"] == second.id
-        finally:
-            browser.close()
+            chromium_page() as page:
+        page.goto(url)
+        page.wait_for_selector("#canvas[data-local='1']", timeout=EXPORT_MS)
+        assert any(f":v{first.id}:1" in key for key in page.evaluate(IDB_KEYS))
+        page.select_option("#model-version", str(second.id))
+        page.wait_for_function(
+            f"state.decoder && state.decoder.version === {second.id} && "
+            "document.getElementById('canvas').dataset.local === '1' && "
+            "state.decoder.image !== null", timeout=EXPORT_MS)
+        assert f"model v{second.id}" in page.inner_text("#decoder")
+        keys = [k for k in page.evaluate(IDB_KEYS) if k.startswith("emb:")]
+        assert keys and all(f":v{second.id}:" in key for key in keys)
+        box = page.locator("#canvas").bounding_box()
+        before = decodes(page)
+        page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.55)
+        assert wait_decode(page, before)["decoder"] == "browser"
+        page.keyboard.press("Enter")
+        page.wait_for_function(
+            "document.getElementById('canvas').dataset.annotations === '1'")
+        assert project.db.annotations(1)[0]["model_version"] == second.id
