@@ -125,9 +125,13 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
     return [{"segmentation": rle, **area_and_bbox(rle)} for rle in rles]
 
 
-def parse_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+def parse_rle(segmentation: Any, height: int, width: int, *,
+              allow_empty: bool = False) -> dict[str, Any]:
     """Validate a client's compressed RLE for an ``height x width`` image; returns
-    ``{"segmentation", "area", "bbox"}`` computed here (never trusted from the client)."""
+    ``{"segmentation", "area", "bbox"}`` computed here (never trusted from the client).
+
+    An empty mask is an error unless ``allow_empty`` (files written by segment-everything with
+    its filters off may hold empty masks; a client's new annotation may not)."""
     if not isinstance(segmentation, dict) or set(segmentation) != {"size", "counts"}:
         raise SamkitError('a mask must be a COCO RLE {"size": [h, w], "counts": "..."}')
     size, counts = segmentation["size"], segmentation["counts"]
@@ -140,7 +144,7 @@ def parse_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
         raise SamkitError(f"mask RLE runs do not cover the {height}x{width} image exactly")
     rle = {"size": [height, width], "counts": counts}
     described = area_and_bbox(rle)
-    if described["area"] == 0:
+    if described["area"] == 0 and not allow_empty:
         raise SamkitError("the mask is empty")
     return {"segmentation": rle, **described}
 

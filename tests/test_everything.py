@@ -189,6 +189,22 @@ def test_sa1b_layout_and_empty_record(tmp_path):
         SA1BDataset(tmp_path)[1]
 
 
+def test_an_empty_mask_in_a_written_file_decodes():
+    """With its filters off segment-everything may keep an empty mask; the reader must take
+    back what the writer wrote (the server still refuses an empty new annotation)."""
+    from samkit.rle import encode_masks, parse_rle
+
+    masks = np.zeros((2, 3, 5), dtype=bool)
+    masks[1, 1:, 2:] = True
+    annotations = encode_masks(masks)
+    assert annotations[0]["area"] == 0
+    record = {"image": {"image_id": 1, "file_name": "a.png", "width": 5, "height": 3},
+              "annotations": annotations}
+    assert (decode_masks(record) == masks).all()
+    with pytest.raises(SamkitError, match="empty"):
+        parse_rle(annotations[0]["segmentation"], 3, 5)
+
+
 # --- resume ---------------------------------------------------------------------------------
 
 

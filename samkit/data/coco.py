@@ -74,7 +74,7 @@ def _check_segmentation(segmentation: Any, image: dict[str, Any]) -> None:
     if not (0 < height and 0 < width and height * width <= DEFAULT_MAX_PIXELS):
         raise ValueError(f"image size {width}x{height}")
     if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str):
-        parse_rle(segmentation, height, width)
+        parse_rle(segmentation, height, width, allow_empty=True)
     elif isinstance(segmentation, dict):  # uncompressed RLE: a list of run lengths
         counts = segmentation.get("counts")
         if (segmentation.get("size") != [height, width] or not isinstance(counts, list)

@@ -104,7 +104,7 @@ def decode_masks(record: SA1BSample | Mapping[str, Any]) -> np.ndarray:
         height, width = int(record["image"]["height"]), int(record["image"]["width"])
         if not (0 < height and 0 < width and height * width <= DEFAULT_MAX_PIXELS):
             raise SamkitError(f"image size {width}x{height} is not a real image's")
-        rles = [parse_rle(a["segmentation"], height, width)["segmentation"]
+        rles = [parse_rle(a["segmentation"], height, width, allow_empty=True)["segmentation"]
                 for a in record["annotations"]]
     except SamkitError as err:
         raise SamkitError(f"bad annotation file {source}: {err}") from None
