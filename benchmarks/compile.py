@@ -5,7 +5,7 @@ Run by hand (never in CI):
     python benchmarks/compile.py [--reps 3] [--keep-freed-memory]
 
 Compiled graphs switch samkit's eager-only CPU kernels off (oneDNN products, blocked global
-attention: see ``samkit.modeling.common.eager_on_cpu``) and get inductor's instead. Prints
+attention: see ``samkit.modeling.kernels.eager_on_cpu``) and get inductor's instead. Prints
 the compile time, medians and the largest difference from eager.
 """
 

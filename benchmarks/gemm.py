@@ -1,5 +1,5 @@
 """fp32 matrix products on this CPU: ``F.linear`` (MKL's sgemm in PyTorch's CPU build) vs
-``samkit.modeling.common.linear`` (oneDNN, as a 1 x 1 convolution), on the encoders' shapes.
+``samkit.modeling.kernels.linear`` (oneDNN, as a 1 x 1 convolution), on the encoders' shapes.
 
 Run by hand (never in CI):  python benchmarks/gemm.py [--reps 10]
 
@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from samkit.modeling.common import linear
+from samkit.modeling.kernels import linear
 
 # rows x in x out: the decoder's upscaler, vit_b's qkv (windowed, padded), MLP in and out.
 SHAPES = [(8192, 256, 256), (4900, 768, 2304), (4096, 768, 3072), (4096, 3072, 768)]

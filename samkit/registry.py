@@ -41,7 +41,8 @@ class HedConfig:
     encoder (``samkit.modeling.hed_encoder``). It takes RGB minus HED's pixel mean."""
 
     neck_blocks: int = 0  # global self-attention blocks over the embedding grid, after the conv
-    stem_int8: bool = False  # the frozen stem's conv weights are int8 (per output channel)
+    stem_int8: bool = False  # VGG conv weights stored as int8 (per output channel)
+    context_block: bool = False  # VGG16's block 5, trained, on block 4 (grid-wide context)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from samkit.modeling import image_encoder
-from samkit.modeling.common import Linear, MLPBlock, linear, linear_gelu
+from samkit.modeling.common import Linear, MLPBlock
+from samkit.modeling.kernels import linear, linear_gelu
 from samkit.modeling.image_encoder import (
     Attention,
     blocked_rel_pos_attention,

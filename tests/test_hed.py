@@ -186,3 +186,96 @@ def test_int8_stem_is_stored_as_int8_and_loads_strictly(tmp_path: Path) -> None:
     own, back = sam.state_dict(), loaded.state_dict()
     for name in int8_names:
         assert torch.equal(back[f"image_encoder.{name}"], own[f"image_encoder.{name}"])
+
+
+def test_context_block_is_block5_and_starts_with_no_effect() -> None:
+    """The context branch is VGG16's block 5 on block 4 (g -> g/2), its projection starts at
+    zero (a grown trained model starts as it was), and once trained it reaches
+    further than the 3 x 3 conv; a stem cache still serves (head takes the same inputs)."""
+    torch.manual_seed(0)
+    plain = HedEncoder(img_size=256)
+    grown = HedEncoder(img_size=256, context_block=True)
+    grown.load_state_dict(plain.state_dict() | {k: v for k, v in grown.state_dict().items()
+                                                 if k.startswith(("context.", "neck.proj5."))})
+    x = torch.randn(1, 3, 256, 256) * 50
+    with torch.no_grad():
+        block3, block4 = grown.stem(x)
+        assert grown.context(block4).shape == (1, 512, 8, 8)
+        assert torch.equal(grown.head(block3, block4), plain.head(block3, block4))
+    out = grown.head(block3, block4)
+    out.square().sum().backward()
+    assert grown.neck.proj5.weight.grad.abs().sum() > 0  # training starts it moving
+    torch.nn.init.normal_(grown.neck.proj5.weight, std=0.05)
+    with torch.no_grad():
+        moved = grown.head(block3, block4)
+        assert not torch.allclose(moved, out)
+        changed = block4.clone()
+        changed[..., :2, :2] += 10.0  # one corner of block 4 reaches 6 cells away ...
+        far = (grown.head(block3, changed) - moved)[..., 6:8, 6:8]
+        near_only = (plain.head(block3, changed) - plain.head(block3, block4))[..., 6:8, 6:8]
+    assert far.abs().amax() > 0 and near_only.abs().amax() == 0  # ... through block 5 only
+
+
+@needs_h5
+def test_context_block_loads_hed_block5(hed_state: dict[str, torch.Tensor]) -> None:
+    from samkit.modeling.hed_encoder import load_hed_context
+
+    encoder = HedEncoder(context_block=True)
+    load_hed_stem(encoder, hed_state)
+    for i in range(3):
+        assert torch.equal(encoder.context.state_dict()[f"conv{i}.weight"],
+                           hed_state[f"features.blocks.4.conv{i}.weight"])
+    with pytest.raises(ValueError, match="no context block"):
+        load_hed_context(HedEncoder(), hed_state)
+
+
+def test_context_block_is_stored_int8_with_the_stem(tmp_path: Path) -> None:
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from samkit.build import build_sam, save_checkpoint
+
+    base = get_config("samkit-tiny")
+    cfg = dataclasses.replace(base, encoder=dataclasses.replace(
+        base.encoder, context_block=True, stem_int8=True), bundled_weights=None)
+    torch.manual_seed(0)
+    sam = build_sam_from_config(cfg)
+    names = sam.image_encoder.int8_weight_names()
+    assert len(names) == 13 and names[-1] == "context.conv2.weight"
+    path = save_checkpoint(sam, tmp_path / "ctx.safetensors", half=True)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.get_slice("image_encoder.context.conv0.weight").get_dtype() == "I8"
+        assert f.get_slice("image_encoder.neck.proj5.weight").get_dtype() == "F16"
+    loaded = build_sam(cfg, path)  # strict; the trained block is rounded to int8 on save
+    from samkit.modeling.quant import round_int8
+
+    w = sam.image_encoder.context.conv0.weight.detach()
+    torch.testing.assert_close(loaded.image_encoder.context.conv0.weight, round_int8(w))
+
+
+@needs_h5
+def test_training_grows_a_trained_model_by_the_pretrained_context_block(
+        tmp_path: Path, hed_state: dict[str, torch.Tensor]) -> None:
+    """init_new_modules with image_encoder.context: block 5 starts as HED's, its projection at
+    zero, so the grown model's embedding is the checkpoint's; the stem stays frozen and the
+    context block trains."""
+    from samkit.build import build_sam, save_checkpoint
+    from samkit.train.config import TrainConfig
+    from samkit.train.loop import build_model
+
+    torch.manual_seed(0)
+    trained = build_sam("samkit-tiny", checkpoint=None)
+    path = save_checkpoint(trained, tmp_path / "trained.safetensors")
+    cfg = TrainConfig(model="samkit-tiny", init_checkpoint=str(path), stem_weights=str(HED_H5),
+                      out_dir=str(tmp_path / "run"),
+                      model_overrides={"encoder": {"context_block": True}},
+                      init_new_modules=["image_encoder.context", "image_encoder.neck.proj5"])
+    grown = build_model(cfg, torch.device("cpu")).eval()
+    encoder = grown.image_encoder
+    assert torch.equal(encoder.context.conv1.weight, hed_state["features.blocks.4.conv1.weight"])
+    assert all(p.requires_grad for p in encoder.context.parameters())
+    assert not any(p.requires_grad for p in encoder.features.parameters())
+    x = torch.randn(1, 3, 512, 512)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), trained.eval().image_encoder(x))

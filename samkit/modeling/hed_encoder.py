@@ -13,8 +13,11 @@ Why this shape (docs/samkit-tiny.md has the measurements):
   training image (:meth:`stem`), so a training step pays only for :meth:`head` and the
   decoder.
 * SAM's decoder has no pixel-to-pixel attention: which cells belong together must already be
-  in the embedding. Optional :class:`NeckBlock` s (global self-attention over the grid's
-  cells) give the neck that reach; a 3 x 3 conv over VGG features alone sees a few cells.
+  in the embedding, and a 3 x 3 conv over block 4 sees a few cells. Two optional ways to
+  give the neck that reach: VGG16's block 5 as a trainable *context* branch (pretrained;
+  at half the grid's resolution its three 3 x 3 convs see about 15 x 15 cells of the
+  grid; it runs on block 4, so cached stem features still serve), and :class:`NeckBlock` s
+  (global self-attention over the grid's cells).
 
 Input: ``B x 3 x S x S``, RGB minus HED's pixel mean (``Sam(pixel_mean=HED_PIXEL_MEAN,
 pixel_std=HED_PIXEL_STD)`` does that), zero-padded like every SAM input.
@@ -27,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from samkit.modeling.common import LayerNorm2d, Linear, MLPBlock
-from samkit.modeling.hed import VGG16Features
+from samkit.modeling.hed import VGG16_BLOCKS, VGG16Features, VGGBlock
 from samkit.modeling.quant import round_int8
 
 STEM_BLOCKS = 4
-BLOCK3_CHANS, BLOCK4_CHANS = 256, 512
+BLOCK3_CHANS, BLOCK4_CHANS, BLOCK5_CHANS = 256, 512, 512
 
 
 class NeckBlock(nn.Module):
@@ -69,24 +72,37 @@ class NeckBlock(nn.Module):
 
 
 class HedNeck(nn.Module):
-    """``(block3 B x 256 x 2g x 2g, block4 B x 512 x g x g) -> B x out x g x g``.
+    """``(block3 B x 256 x 2g x 2g, block4 B x 512 x g x g[, block5 B x 512 x g/2 x g/2])
+    -> B x out x g x g``.
 
     Block 4 is projected to ``out`` channels; block 3 is projected to ``out / 4`` and its
-    2 x 2 cells stacked into channels (pixel unshuffle), then added. A 3 x 3 conv mixes
-    neighbours; LayerNorms as in SAM's own neck; then ``num_blocks`` :class:`NeckBlock` s.
+    2 x 2 cells stacked into channels (pixel unshuffle), then added; with ``context``, block 5
+    is projected to ``out`` and upsampled 2x (bilinear) onto the grid, and added too (its
+    projection starts at zero, so adding the branch to a trained neck changes nothing at
+    first). A 3 x 3 conv mixes neighbours; LayerNorms as in SAM's own neck; then
+    ``num_blocks`` :class:`NeckBlock` s.
     """
 
-    def __init__(self, out_chans: int = 256, num_blocks: int = 0) -> None:
+    def __init__(self, out_chans: int = 256, num_blocks: int = 0, context: bool = False) -> None:
         super().__init__()
         self.proj4 = nn.Conv2d(BLOCK4_CHANS, out_chans, 1)
         self.proj3 = nn.Conv2d(BLOCK3_CHANS, out_chans // 4, 1)
+        self.proj5 = nn.Conv2d(BLOCK5_CHANS, out_chans, 1) if context else None
+        if self.proj5 is not None:
+            nn.init.zeros_(self.proj5.weight)
+            nn.init.zeros_(self.proj5.bias)
         self.norm1 = LayerNorm2d(out_chans)
         self.conv = nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False)
         self.norm2 = LayerNorm2d(out_chans)
         self.blocks = nn.Sequential(*(NeckBlock(out_chans) for _ in range(num_blocks)))
 
-    def forward(self, block3: torch.Tensor, block4: torch.Tensor) -> torch.Tensor:
+    def forward(self, block3: torch.Tensor, block4: torch.Tensor,
+                block5: torch.Tensor | None = None) -> torch.Tensor:
         x = self.proj4(block4) + F.pixel_unshuffle(self.proj3(block3), 2)
+        if self.proj5 is not None and block5 is not None:
+            # Project first (256 channels to upsample, not 512); g/2 -> g exactly.
+            x = x + F.interpolate(self.proj5(block5), size=x.shape[-2:], mode="bilinear",
+                                  align_corners=False)
         return self.blocks(self.norm2(self.conv(F.gelu(self.norm1(x)))))
 
 
@@ -94,13 +110,17 @@ class HedEncoder(nn.Module):
     """``B x 3 x S x S -> B x out_chans x S/16 x S/16``; ``forward = head(*stem(x))``."""
 
     def __init__(self, img_size: int = 512, out_chans: int = 256, neck_blocks: int = 0,
-                 stem_int8: bool = False) -> None:
+                 stem_int8: bool = False, context_block: bool = False) -> None:
         super().__init__()
         self.img_size = img_size
         self.features = VGG16Features(STEM_BLOCKS)
-        self.neck = HedNeck(out_chans, neck_blocks)
-        # The stem's conv weights are int8 values times a per-channel scale (what a shipped
-        # file stores, half the bytes of fp16): see int8_weight_names and round_stem_to_int8.
+        # VGG16's block 5 (max-pool + three 3 x 3 convs on block 4), trained: see the module
+        # docstring. It is part of the head, so a cache of the stem still serves.
+        self.context = VGGBlock(VGG16_BLOCKS[STEM_BLOCKS], pool=True) if context_block else None
+        self.neck = HedNeck(out_chans, neck_blocks, context=context_block)
+        # The VGG conv weights (stem, and the context block) are stored as int8 values times a
+        # per-channel scale (half the bytes of fp16): see int8_weight_names; the frozen stem
+        # is kept int8-valued in memory too (round_stem_to_int8), so training sees what ships.
         self.stem_int8 = stem_int8
 
     @property
@@ -119,17 +139,22 @@ class HedEncoder(nn.Module):
 
     def head(self, block3: torch.Tensor, block4: torch.Tensor) -> torch.Tensor:
         """The trainable part, on :meth:`stem`'s outputs (live or cached)."""
-        return self.neck(block3.float(), block4.float()).contiguous()
+        block3, block4 = block3.float(), block4.float()
+        block5 = self.context(block4) if self.context is not None else None
+        return self.neck(block3, block4, block5).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(*self.stem(x))
 
-
     def int8_weight_names(self) -> list[str]:
-        """The stem's conv weights (names within this module) when they are int8-valued."""
+        """The VGG conv weights (names within this module) a half-precision file stores as
+        int8: the stem's and the context block's, when ``stem_int8``."""
         if not self.stem_int8:
             return []
-        return [f"features.{name}" for name, p in self.features.named_parameters()
+        vgg = [("features", self.features)] + ([("context", self.context)]
+                                              if self.context is not None else [])
+        return [f"{prefix}.{name}" for prefix, module in vgg
+                for name, p in module.named_parameters()
                 if name.endswith("weight") and p.dim() == 4]
 
     @torch.no_grad()
@@ -138,13 +163,33 @@ class HedEncoder(nn.Module):
         so a file storing them as int8 loses nothing; a no-op unless ``stem_int8``."""
         params = dict(self.named_parameters())
         for name in self.int8_weight_names():
-            params[name].copy_(round_int8(params[name]))
+            if name.startswith("features."):
+                params[name].copy_(round_int8(params[name]))
 
 
 def load_hed_stem(encoder: HedEncoder, hed_state: dict[str, torch.Tensor]) -> None:
     """Copy blocks 1-4 of a converted HED state dict (``samkit.modeling.hed``) into the
-    encoder's stem, strictly; HED's block 5 and side outputs are not part of the encoder."""
-    prefix = "features."
-    stem = {k[len(prefix):]: v for k, v in hed_state.items()
-            if k.startswith(prefix) and int(k.split(".")[2]) < STEM_BLOCKS}
+    encoder's stem, strictly, and block 5 into its context block if it has one; HED's side
+    outputs are not part of the encoder."""
+    stem = {f"blocks.{k}": v for k, v in _hed_blocks(hed_state, range(STEM_BLOCKS)).items()}
     encoder.features.load_state_dict(stem, strict=True)
+    if encoder.context is not None:
+        load_hed_context(encoder, hed_state)
+
+
+def load_hed_context(encoder: HedEncoder, hed_state: dict[str, torch.Tensor]) -> None:
+    """Copy HED's block 5 into the encoder's context block, strictly (how a trained model
+    grown by the branch starts it: pretrained, its projection at zero)."""
+    if encoder.context is None:
+        raise ValueError("the encoder has no context block")
+    block5 = _hed_blocks(hed_state, [STEM_BLOCKS])
+    encoder.context.load_state_dict({k.split(".", 1)[1]: v for k, v in block5.items()},
+                                    strict=True)
+
+
+def _hed_blocks(hed_state: dict[str, torch.Tensor], blocks: range | list[int]
+                ) -> dict[str, torch.Tensor]:
+    """HED's ``features.blocks.{i}.*`` tensors for ``i`` in ``blocks``, as ``{i}.*``."""
+    prefix = "features.blocks."
+    return {k[len(prefix):]: v for k, v in hed_state.items()
+            if k.startswith(prefix) and int(k.split(".")[2]) in blocks}

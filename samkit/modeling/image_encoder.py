@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from samkit.modeling.common import DropPath, LayerNorm2d, Linear, MLPBlock, eager_on_cpu, linear
+from samkit.modeling.common import DropPath, LayerNorm2d, Linear, MLPBlock
+from samkit.modeling.kernels import eager_on_cpu, linear
 
 
 class ImageEncoderViT(nn.Module):
@@ -167,7 +168,7 @@ _QUERY_BLOCK = 512
 
 def _blocked_attention_applies(q: torch.Tensor) -> bool:
     """Eager inference on the CPU in fp32 or bf16: the blocked path has no autograd, and its
-    speed comes from oneDNN (see :func:`samkit.modeling.common.linear`)."""
+    speed comes from oneDNN (see :func:`samkit.modeling.kernels.linear`)."""
     return (eager_on_cpu(q) and q.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_grad_enabled())
 
@@ -185,7 +186,7 @@ def blocked_rel_pos_attention(
 
     Same values as :func:`decomposed_rel_pos_bias` + SDPA, but the ``heads x N x N`` bias
     (805 MB for vit_b) is never built: each block of scores gets its two bias terms added in
-    place, and both products go through :func:`samkit.modeling.common.linear` (oneDNN: ~2x
+    place, and both products go through :func:`samkit.modeling.kernels.linear` (oneDNN: ~2x
     the MKL products inside the fused SDPA kernel on this AMD CPU).
     """
     b, heads, n, d = q.shape

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.modeling.common import MLP, LayerNorm2d, eager_on_cpu, linear
+from samkit.modeling.common import MLP, LayerNorm2d
+from samkit.modeling.kernels import eager_on_cpu, linear
 from samkit.modeling.shared_image import ImageCache, two_way_shared_image
 from samkit.modeling.transformer import TwoWayTransformer
 

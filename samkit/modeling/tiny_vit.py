@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samkit.modeling.common import DropPath, LayerNorm2d, Linear, linear_gelu
+from samkit.modeling.common import DropPath, LayerNorm2d, Linear
+from samkit.modeling.kernels import linear_gelu
 
 # The unused ImageNet classifier is kept only so the checkpoint's keys load strictly.
 _IMAGENET_CLASSES = 1000

@@ -44,7 +44,8 @@ import samkit
 from samkit.build import is_trained
 from samkit.errors import SamkitError
 from samkit.modeling.prompt_encoder import LABEL_PAD
-from samkit.modeling.sam import Sam, resize_matrix
+from samkit.modeling.resample import resize_matrix
+from samkit.modeling.sam import Sam
 from samkit.modeling.shared_image import ImageCache
 from samkit.onnx.names import (
     DECODER_FILE, DECODER_IMAGE_FILE, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_PROMPTS_FILE,
@@ -128,7 +129,7 @@ class DecoderGraph(nn.Module):
 
     def postprocess(self, low_res: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
         """``1 x M x 4g x 4g`` logits -> ``1 x M x H x W``: the separable operators of
-        :func:`samkit.modeling.sam.postprocess_operators`, built from runtime sizes."""
+        :func:`samkit.modeling.resample.postprocess_operators`, built from runtime sizes."""
         original = orig_im_size.to(torch.float64)
         # float64 like Python, so the rounding equals preprocess_shape's int(x * scale + 0.5).
         scale = self.image_size / original.max()

