@@ -253,6 +253,21 @@ def test_cached_feature_step_equals_uncached(shapes: Path, tmp_path: Path) -> No
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_step_pads_images_as_inference_does(shapes: Path, tmp_path: Path) -> None:
+    """The step's batched normalise-and-zero of collated images is bit for bit inference's
+    per-image normalise-then-pad (``Sam.preprocess``)."""
+    cfg = run_config(shapes, tmp_path, scale_range=(0.5, 1.0))
+    sam = build_sam_from_config(cfg.model_config()).eval()
+    dataset = TrainDataset([open_source(str(shapes))], AugmentConfig(SIZE, (0.5, 1.0)), seed=0)
+    batch = collate([dataset[(0, i)] for i in range(4)], SIZE)
+    assert len({tuple(s) for s in batch.sizes.tolist()}) > 1  # images of different sizes
+    step = TrainStep(sam, frozen_encoder=True, seed=0)
+    expected = torch.stack([sam.preprocess(img[:, :h, :w].float())
+                            for img, (h, w) in zip(batch.images, batch.sizes.tolist())])
+    with torch.no_grad():
+        assert torch.equal(step.embed(batch), sam.image_encoder(expected))
+
+
 def test_feature_cache_refuses_a_mismatch(shapes: Path, tmp_path: Path) -> None:
     from samkit.train.features import FeatureCache, build_feature_cache
 

@@ -60,15 +60,14 @@ from samkit.train.features import FeatureCache, build_feature_cache
 from samkit.train.init import localising_init
 from samkit.train.losses import LossWeights
 from samkit.train.optim import build_optimizer, build_scheduler, lr_factor
-from samkit.train.step import TrainStep
+from samkit.train.step import METRICS, TrainStep
 from samkit.train.text import attach_training_slot, open_text_cache
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.csv"
 EXPORT_NAME = "model.safetensors"
-METRIC_COLUMNS = ("step", "epoch", "loss", "focal", "dice", "iou_mse", "miou", "miou_first",
-                  "lr", "images_per_s", "encoder_share", "decoder_share", "elapsed_s",
-                  "empty_images")
+METRIC_COLUMNS = ("step", "epoch", "loss", *METRICS, "lr", "images_per_s", "encoder_share",
+                  "decoder_share", "elapsed_s", "empty_images")
 
 
 def train(cfg: TrainConfig) -> list[dict[str, float]]:
@@ -161,9 +160,7 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
                 with autocast:
                     out = model(batch, step)
                 optimizer.zero_grad(set_to_none=True)
-                step_module.timer.mark("backward")
-                out.loss.backward()
-                step_module.timer.mark("backward_done")
+                step_module.backward(out.loss)
                 # The norm of the (all-reduced) gradient: the same on every process, so all
                 # skip a bad step together.
                 grad_norm = nn.utils.clip_grad_norm_(
@@ -250,9 +247,9 @@ def setup_distributed(device: str) -> DistEnv:
 
 def reduce_metrics(out: Any, env: DistEnv) -> dict[str, float]:
     """Loss and metrics averaged over processes (metrics only over those that had masks)."""
-    names = ("loss", "focal", "dice", "iou_mse", "miou", "miou_first")
+    names = ("loss", *METRICS)
     values = torch.stack([out.loss.detach().float()] +
-                         [out.metrics[k].float() for k in names[1:]])
+                         [out.metrics[k].float() for k in METRICS])
     valid = ~values.isnan()
     summed = torch.stack([torch.where(valid, values, 0.0), valid.float()])
     if env.world_size > 1:

@@ -99,17 +99,23 @@ class TrainStep(nn.Module):
         if batch.features is not None:
             with torch.set_grad_enabled(trainable):
                 return encoder.head(*batch.features)
-        # Normalise and zero-pad each image exactly as inference does.
-        x = torch.stack([
-            sam.preprocess(img[:, :h, :w].float())
-            for img, (h, w) in zip(batch.images, batch.sizes.tolist(), strict=False)
-        ])
+        # Normalise, and zero beyond each image's valid region, as inference pads (collate's
+        # padding is 0 in pixels, which normalisation would move off 0): one batched op.
+        valid = valid_regions(batch.sizes, sam.image_size).to(batch.images.device)
+        x = torch.where(valid[:, None], (batch.images.float() - sam.pixel_mean) / sam.pixel_std,
+                        0.0)
         if trainable and getattr(encoder, "stem_frozen", False):
             with torch.no_grad():
                 features = encoder.stem(x)
             return encoder.head(*features)
         with torch.set_grad_enabled(trainable):
             return encoder(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, timed (the step's timer marks all live in this class)."""
+        self.timer.mark("backward")
+        loss.backward()
+        self.timer.mark("backward_done")
 
     def train(self, mode: bool = True) -> TrainStep:
         super().train(mode)
