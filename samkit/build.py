@@ -7,11 +7,14 @@ safetensors files that also record which config they belong to.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pickle
 import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,6 +96,7 @@ def build_sam_from_config(cfg: SamConfig, drop_path_rate: float = 0.0) -> Sam:
         pixel_mean=HED_PIXEL_MEAN if hed else PIXEL_MEAN,
         pixel_std=HED_PIXEL_STD if hed else PIXEL_STD,
     )
+    model.samkit_config = cfg  # type: ignore[attr-defined]  # recorded by save_checkpoint
     return model.eval()
 
 
@@ -119,6 +123,8 @@ def build_sam(
     if checkpoint is None and cfg.bundled_weights:
         bundled = BUNDLED_WEIGHTS_DIR / cfg.bundled_weights
         checkpoint = bundled if bundled.is_file() else None
+    if checkpoint is not None:  # a variant of the model (trained with model_overrides)
+        cfg = dataclasses.replace(cfg, encoder=recorded_encoder(checkpoint, cfg))
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is left as it was
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
         sam = build_sam_from_config(cfg, drop_path_rate)
@@ -163,6 +169,27 @@ def weights_source(model: Sam) -> str:
     samkit_tiny.safetensors`` or a checkpoint's file name; ``unknown`` for a model that
     :func:`build_sam` did not build."""
     return str(getattr(model, "samkit_weights", "unknown"))
+
+
+ENCODER_KEY = "encoder"  # header: the encoder config a samkit checkpoint was saved with
+
+
+def recorded_encoder(path: str | Path, cfg: SamConfig) -> Any:
+    """The encoder config a samkit checkpoint records (``save_checkpoint``), as ``cfg``'s
+    encoder with the recorded fields; ``cfg.encoder`` when nothing is recorded or the record
+    is of another encoder type (the strict load then says what does not fit)."""
+    text = checkpoint_metadata(path).get(ENCODER_KEY)
+    if text is None:
+        return cfg.encoder
+    try:
+        fields = json.loads(text)
+        kind = fields.pop("type")
+        if kind != type(cfg.encoder).__name__:
+            return cfg.encoder
+        return dataclasses.replace(cfg.encoder, **{
+            k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise SamkitError(f"checkpoint {path} has a malformed encoder record: {err}") from None
 
 
 def _check_image_size(path: str | Path, cfg: SamConfig, name: str) -> None:
@@ -320,6 +347,10 @@ def save_checkpoint(
         tensors[key], tensors[key + INT8_SCALE_SUFFIX] = quantize_int8(model.state_dict()[key])
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": "samkit", "image_size": str(model.image_size), **(metadata or {})}
+    config = getattr(model, "samkit_config", None)
+    if config is not None:  # so a variant (model_overrides) loads by its registry name
+        header[ENCODER_KEY] = json.dumps({"type": type(config.encoder).__name__,
+                                          **dataclasses.asdict(config.encoder)})
     if model.text_prompt is not None:  # which CLIP the text slot was trained with
         header |= {"text_clip_name": model.text_prompt.clip_name,
                    "text_clip_dim": str(model.text_prompt.clip_dim)}

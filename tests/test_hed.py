@@ -279,3 +279,25 @@ def test_training_grows_a_trained_model_by_the_pretrained_context_block(
     x = torch.randn(1, 3, 512, 512)
     with torch.no_grad():
         assert torch.equal(encoder(x), trained.eval().image_encoder(x))
+
+
+def test_a_variant_checkpoint_loads_by_its_registry_name(tmp_path: Path) -> None:
+    """A samkit-tiny trained with model_overrides records its encoder config, so
+    ``build_sam("samkit-tiny", file)`` (every command's --checkpoint) builds that variant."""
+    import dataclasses
+
+    from samkit.build import build_sam, save_checkpoint
+
+    base = get_config("samkit-tiny")
+    cfg = dataclasses.replace(base, encoder=dataclasses.replace(
+        base.encoder, context_block=True, stem_int8=True))
+    torch.manual_seed(0)
+    sam = build_sam_from_config(cfg)
+    path = save_checkpoint(sam, tmp_path / "variant.safetensors")
+    loaded = build_sam("samkit-tiny", path)
+    assert loaded.image_encoder.context is not None and loaded.image_encoder.stem_int8
+    x = torch.randn(1, 3, 512, 512)
+    with torch.no_grad():
+        assert torch.equal(loaded.image_encoder(x), sam.image_encoder(x))
+    plain = save_checkpoint(build_sam_from_config(base), tmp_path / "plain.safetensors")
+    assert build_sam("samkit-tiny", plain).image_encoder.context is None
