@@ -14,7 +14,6 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -28,8 +27,8 @@ from samkit.modeling.prompt_encoder import PromptEncoder
 from samkit.modeling.quant import dequantize_int8, quantize_int8
 from samkit.modeling.sam import PIXEL_MEAN, PIXEL_STD, Sam
 from samkit.modeling.transformer import TwoWayTransformer
-from samkit.registry import (DEFAULT_MODEL, MODEL_CONFIGS, HedConfig, SamConfig, ViTConfig,
-                             get_config)
+from samkit.registry import (DEFAULT_MODEL, MODEL_CONFIGS, HedConfig, SamConfig, TinyViTConfig,
+                             ViTConfig, get_config)
 
 BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # A tensor stored as int8 has its per-channel fp32 scale under its name + this suffix.
@@ -174,7 +173,7 @@ def weights_source(model: Sam) -> str:
 ENCODER_KEY = "encoder"  # header: the encoder config a samkit checkpoint was saved with
 
 
-def recorded_encoder(path: str | Path, cfg: SamConfig) -> Any:
+def recorded_encoder(path: str | Path, cfg: SamConfig) -> ViTConfig | TinyViTConfig | HedConfig:
     """The encoder config a samkit checkpoint records (``save_checkpoint``), as ``cfg``'s
     encoder with the recorded fields; ``cfg.encoder`` when nothing is recorded or the record
     is of another encoder type (the strict load then says what does not fit)."""
@@ -183,12 +182,23 @@ def recorded_encoder(path: str | Path, cfg: SamConfig) -> Any:
         return cfg.encoder
     try:
         fields = json.loads(text)
-        kind = fields.pop("type")
-        if kind != type(cfg.encoder).__name__:
+        if not isinstance(fields, dict):
+            raise ValueError("not a JSON object")
+        if fields.pop("type", None) != type(cfg.encoder).__name__:
             return cfg.encoder
-        return dataclasses.replace(cfg.encoder, **{
-            k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        known = {f.name: getattr(cfg.encoder, f.name) for f in dataclasses.fields(cfg.encoder)}
+        values = {}
+        for key, value in fields.items():
+            if key not in known:
+                raise ValueError(f"unknown field {key!r}")
+            value = tuple(value) if isinstance(value, list) else value
+            default = known[key]
+            if type(value) is not type(default) or (isinstance(value, tuple) and not (
+                    {type(v) for v in value} <= {type(d) for d in default})):  # bool is not int
+                raise ValueError(f"{key}={value!r} is not of the type of {default!r}")
+            values[key] = value
+        return dataclasses.replace(cfg.encoder, **values)
+    except ValueError as err:  # json's decode errors are ValueErrors too
         raise SamkitError(f"checkpoint {path} has a malformed encoder record: {err}") from None
 
 

@@ -301,3 +301,24 @@ def test_a_variant_checkpoint_loads_by_its_registry_name(tmp_path: Path) -> None
         assert torch.equal(loaded.image_encoder(x), sam.image_encoder(x))
     plain = save_checkpoint(build_sam_from_config(base), tmp_path / "plain.safetensors")
     assert build_sam("samkit-tiny", plain).image_encoder.context is None
+
+
+@pytest.mark.parametrize("record, message", [
+    ("{not json", "Expecting"), ("[1]", "not a JSON object"),
+    ('{"type": "HedConfig", "bogus": 1}', "unknown field 'bogus'"),
+    ('{"type": "HedConfig", "neck_blocks": "2"}', "neck_blocks='2'"),
+    ('{"type": "HedConfig", "context_block": 1}', "context_block=1"),
+])
+def test_a_malformed_encoder_record_is_one_error(tmp_path: Path, record: str,
+                                                  message: str) -> None:
+    from safetensors.torch import save_file
+
+    from samkit.build import build_sam
+
+    state = {k: v.contiguous() for k, v in
+             build_sam_from_config(get_config("samkit-tiny")).state_dict().items()}
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path), metadata={"format": "samkit", "image_size": "512",
+                                          "encoder": record})
+    with pytest.raises(SamkitError, match=f"malformed encoder record: .*{message}"):
+        build_sam("samkit-tiny", path)

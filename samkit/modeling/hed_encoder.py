@@ -99,7 +99,7 @@ class HedNeck(nn.Module):
     def forward(self, block3: torch.Tensor, block4: torch.Tensor,
                 block5: torch.Tensor | None = None) -> torch.Tensor:
         x = self.proj4(block4) + F.pixel_unshuffle(self.proj3(block3), 2)
-        if self.proj5 is not None and block5 is not None:
+        if self.proj5 is not None:
             # Project first (256 channels to upsample, not 512); g/2 -> g exactly.
             x = x + F.interpolate(self.proj5(block5), size=x.shape[-2:], mode="bilinear",
                                   align_corners=False)

@@ -62,9 +62,13 @@ class Sam(nn.Module):
             self.device)
         return self.text_prompt
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``... x 3 x h x w`` pixels (0..255) minus the pixel mean, over the pixel std."""
+        return (x - self.pixel_mean) / self.pixel_std
+
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``... x 3 x h x w`` pixels (0..255) and zero-pad to ``image_size``."""
-        x = (x - self.pixel_mean) / self.pixel_std
+        x = self.normalize(x)
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
 

@@ -102,8 +102,7 @@ class TrainStep(nn.Module):
         # Normalise, and zero beyond each image's valid region, as inference pads (collate's
         # padding is 0 in pixels, which normalisation would move off 0): one batched op.
         valid = valid_regions(batch.sizes, sam.image_size).to(batch.images.device)
-        x = torch.where(valid[:, None], (batch.images.float() - sam.pixel_mean) / sam.pixel_std,
-                        0.0)
+        x = torch.where(valid[:, None], sam.normalize(batch.images.float()), 0.0)
         if trainable and getattr(encoder, "stem_frozen", False):
             with torch.no_grad():
                 features = encoder.stem(x)
