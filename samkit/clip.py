@@ -121,10 +121,15 @@ def load_clip(path: str | Path, tokenizer: str | Path | None = None,
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SamkitError(f"{path} is not a Hugging Face CLIP folder: it has no config.json")
+        bar = transformers.utils.logging.is_progress_bar_enabled()
+        transformers.utils.logging.disable_progress_bar()  # local files: a bar is noise
         try:
             model = transformers.CLIPModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as err:
             raise SamkitError(f"could not load CLIP from {path}: {_first_line(err)}") from None
+        finally:
+            if bar:
+                transformers.utils.logging.enable_progress_bar()
         name = str(getattr(model.config, "_name_or_path", "") or path.name)
         name = _hub_name(path) or name
     else:

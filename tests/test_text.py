@@ -468,3 +468,121 @@ def test_weights_fetch_clip_downloads_a_loadable_folder(
     with pytest.raises(SamkitError, match="sha256 mismatch for config.json"):
         weights.fetch_clip("clip-vit-base-patch32", cache=cache, base_url=hub, progress=False)
     assert not (folder / "config.json").exists()
+
+
+# ------------------------------------------------------------------------------ eval text
+def coco_scenes(root: Path, count: int = 3) -> Path:
+    """Synthetic scenes as a COCO instances dataset whose category names are the colours."""
+    from samkit.rle import to_coco_rle
+
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    cats = {name: i + 1 for i, name in enumerate(COLOURS)}
+    images, anns = [], []
+    rng = np.random.default_rng(5)
+    for i in range(count):
+        image, masks, words = make_scene(rng)
+        Image.fromarray(image).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": image.shape[0],
+                       "width": image.shape[1]})
+        for mask, word in zip(masks, words, strict=True):
+            ys, xs = np.nonzero(mask)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cats[word],
+                         "segmentation": to_coco_rle(mask), "area": int(mask.sum()),
+                         "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1,
+                                  int(np.ptp(ys)) + 1], "iscrowd": 0})
+    categories = [{"id": i, "name": name} for name, i in cats.items()]
+    (root / "annotations" / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": categories}))
+    return root
+
+
+class ColourPredictor:
+    """A method that reads the scenes' colours: a phrase "a <colour>" gets that colour's
+    pixels; a click gets the pixels of the clicked colour. ``blind``: the same method without
+    the text (a phrase gets the brightest colour present)."""
+
+    def __init__(self, blind: bool = False) -> None:
+        self.name = "blind" if blind else "colours"
+        self.blind = blind
+        self.image: np.ndarray | None = None
+
+    def set_image(self, image: np.ndarray) -> None:
+        self.image = image
+
+    def predict(self, prompts, multimask: bool):
+        from samkit.eval.predictors import Prediction
+
+        assert self.image is not None and multimask
+        masks = []
+        for i in range(len(prompts)):
+            if prompts.points is not None:
+                x, y = prompts.points[i, 0].astype(int)
+                colour = self.image[y, x]
+            elif self.blind:
+                colour = max(COLOURS.values(), key=lambda c: ((self.image == c).all(-1).sum()
+                                                              > 0, sum(c)))
+            else:
+                colour = COLOURS[prompts.texts[i].removeprefix("a ")]
+            masks.append((self.image == colour).all(-1))
+        logits = np.stack([np.stack([m, m, m]) for m in masks]).astype(np.float32) * 2 - 1
+        return Prediction(logits, np.tile([[0.1, 0.9, 0.5]], (len(masks), 1)), None)
+
+
+def test_eval_text_scores_the_named_instance(tmp_path: Path) -> None:
+    """The protocol's wiring: a method that finds each named colour scores 1.0 on text
+    prompts; the text-blind one only where its one guess is the named shape; clicks at
+    instance centres land inside their instance."""
+    from samkit.eval.common import ErrorLog
+    from samkit.eval.datasets import open_dataset
+    from samkit.eval.text import run_text
+
+    data = coco_scenes(tmp_path / "coco")
+    dataset = open_dataset(data)
+    [result] = run_text([dataset], [ColourPredictor(), ColourPredictor(blind=True)], ErrorLog(),
+                        min_area=100)
+    seeing, blind = result["methods"]["colours"], result["methods"]["blind"]
+    assert result["images_evaluated"] == 3
+    assert seeing["text_prompts"] == seeing["text_point_prompts"] == seeing["point_prompts"] == 9
+    assert seeing["text_miou"] == seeing["text_point_miou"] == seeing["point_miou"] == 1.0
+    assert blind["text_miou"] == pytest.approx(3 / 9)  # right for one shape of three per image
+    assert blind["point_miou"] == 1.0
+    assert set(seeing["text_miou_per_category"]) <= set(COLOURS)
+    # Instances below min_area take no part: with a floor above every shape, nothing is asked.
+    [none] = run_text([dataset], [ColourPredictor()], ErrorLog(), min_area=10**6)
+    assert none["images_evaluated"] == 0 and none["methods"]["colours"]["text_prompts"] == 0
+    with pytest.raises(SamkitError, match="exactly once"):
+        run_text([dataset], [ColourPredictor()], ErrorLog(), template="a thing")
+
+
+def test_eval_text_cli(clip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                       capsys: pytest.CaptureFixture[str]) -> None:
+    from samkit import registry
+
+    monkeypatch.setitem(registry.MODEL_CONFIGS, "tiny-text", TINY)
+    data = coco_scenes(tmp_path / "coco", count=2)
+    slotted = save_checkpoint(tiny_sam(24), tmp_path / "text.safetensors")
+    plain = save_checkpoint(tiny_sam(None), tmp_path / "plain.safetensors")
+    common = ["eval", "text", "--data", str(data), "--model", "tiny-text", "--device", "cpu",
+              "--min-area", "100", "--clip", str(clip_dir)]
+    for argv, message in (
+        ([*common, "--checkpoint", str(plain), "--json", str(tmp_path / "a.json")],
+         "has no text slot"),
+        ([*common, "--checkpoint", str(slotted), "--json", str(tmp_path / "b.json"),
+          "--template", "a thing"], "--template must contain {} exactly once"),
+        ([*common, "--checkpoint", str(slotted), "--json", str(tmp_path / "c.json"),
+          "--min-area", "-1"], "--min-area must be >= 0"),
+    ):
+        assert samkit_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and message in err, err
+    out = tmp_path / "text.json"
+    assert samkit_main([*common, "--checkpoint", str(slotted), "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    [dataset] = document["datasets"]
+    [metrics] = dataset["methods"].values()
+    assert document["protocol"] == "text" and dataset["images_evaluated"] == 2
+    assert metrics["text_prompts"] == metrics["point_prompts"] == 6
+    assert {r["kind"] for r in metrics["per_prompt"]} == {"text", "text_point", "point"}
+    assert all(0.0 <= r["iou"] <= 1.0 for r in metrics["per_prompt"])
+    assert "| phrases | text mIoU |" in out.with_suffix(".md").read_text()

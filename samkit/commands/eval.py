@@ -25,15 +25,16 @@ PAPER = {
     "edges": "SAM §7.2, App. D.2",
     "proposals": "SAM §7.3, App. D.3",
     "instances": "SAM §7.4",
+    "text": "SAM §7.5, App. D.5",
 }
 BASELINES = {"points": ("grabcut",), "edges": ("sobel", "canny")}
 DATA_KINDS = {"points": ("masks", "coco"), "edges": ("bsds",), "proposals": ("coco",),
-              "instances": ("coco",)}
+              "instances": ("coco",), "text": ("coco",)}
 
 
 # ---------------------------------------------------------------------------- parser
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``samkit eval {points,edges,proposals,instances}``."""
+    """Register ``samkit eval {points,edges,proposals,instances,text}``."""
     parser = subparsers.add_parser(
         "eval",
         help="benchmark a model with the SAM paper's zero-shot protocols",
@@ -72,6 +73,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     instances.add_argument("--score", choices=("det_x_iou", "det"), default="det_x_iou",
                            help="mask score: detection score x predicted IoU (default) or "
                            "the detection score")
+    text = _protocol_parser(protocols, "text", "text prompts: mIoU of 'a {class}' phrases "
+                            "alone, with a click, and the click alone")
+    text.add_argument("--clip", required=True, metavar="DIR",
+                      help="the CLIP the model's text slot was trained with: a Hugging Face "
+                      "CLIP folder or a state-dict file (docs/text.md)")
+    text.add_argument("--template", default="a {}", metavar="TEXT",
+                      help="phrase for a category name, with {} for the name (default 'a {}')")
+    text.add_argument("--min-area", type=int, default=10_000, metavar="PX",
+                      help="instances smaller than this take no part (default 10000 = 100^2, "
+                      "the paper's area threshold for text training)")
 
 
 def _protocol_parser(
@@ -149,6 +160,12 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, option, None)
         if value is not None and value < 1:
             raise SamkitError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
+    if args.protocol == "text":
+        from samkit.eval.text import phrase
+
+        phrase(args.template, "x")  # a template without exactly one {} fails here
+        if args.min_area < 0:
+            raise SamkitError(f"--min-area must be >= 0, got {args.min_area}")
     if getattr(args, "no_model", False) and not args.baseline:
         raise SamkitError("--no-model needs at least one --baseline")
     if getattr(args, "detections", None) is not None and not args.detections.is_file():
@@ -292,8 +309,24 @@ def _instances(
     return run_instances(datasets, [predictor], log, args.detections, args.score)
 
 
+def _text(
+    args: argparse.Namespace, datasets: list[Any], model: Any, info: Any, log: Any
+) -> list[dict[str, Any]]:
+    from samkit.clip import load_clip
+    from samkit.eval.predictors import SamPromptPredictor
+    from samkit.eval.text import run_text
+
+    if model.text_prompt is None:
+        raise SamkitError(f"model {info['name']!r} has no text slot: `samkit eval text` needs "
+                          "a --checkpoint trained with text_clip (docs/text.md)")
+    predictor = SamPromptPredictor(model, info["name"], clip=load_clip(args.clip,
+                                                                       device=info["device"]))
+    return run_text(datasets, [predictor], log, args.template, args.min_area)
+
+
 PROTOCOLS: dict[str, Callable[..., list[dict[str, Any]]]] = {
     "points": _points, "edges": _edges, "proposals": _proposals, "instances": _instances,
+    "text": _text,
 }
 
 
@@ -321,6 +354,13 @@ def protocol_settings(args: argparse.Namespace) -> dict[str, Any]:
                 "points_per_batch": args.points_per_batch,
                 "ranking": "mean(predicted_iou, stability_score)", "max_dets": list(MAX_DETS),
                 "use_cats": False}
+    if args.protocol == "text":
+        return {"template": args.template, "min_area": args.min_area,
+                "text": "phrase alone, multimask, top predicted IoU; IoU with the best-matching "
+                        "instance of the category",
+                "text_point": "phrase + a click at each instance's centre, multimask, top "
+                              "predicted IoU",
+                "point": "the same click alone"}
     from samkit.eval.instances import MAX_PER_IMAGE
 
     return {"boxes": "ground truth" if args.oracle_boxes else str(args.detections.resolve()),

@@ -42,7 +42,7 @@ def image_objects(coco: Any, image_id: int) -> tuple[list[ObjectMask], list[str]
         if not mask.any():
             errors.append(f"annotation {ann['id']}: empty mask")
             continue
-        objects.append(ObjectMask(mask, None, f"annotation {ann['id']}"))
+        objects.append(ObjectMask(mask, None, f"annotation {ann['id']}", ann.get("category_id")))
     return objects, errors
 
 

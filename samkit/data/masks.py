@@ -28,11 +28,13 @@ VOID_INDEX = 255
 
 @dataclass(frozen=True)
 class ObjectMask:
-    """One ground-truth object: ``mask`` and optional ``ignore`` (both ``H x W`` bool)."""
+    """One ground-truth object: ``mask`` and optional ``ignore`` (both ``H x W`` bool), and
+    its COCO category (``None`` for mask folders, which have none)."""
 
     mask: np.ndarray
     ignore: np.ndarray | None
     label: str
+    category_id: int | None = None
 
 
 def read_mask_objects(path: Path, size: tuple[int, int]) -> list[ObjectMask]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from samkit.modeling.sam import Sam
-from samkit.predictor import SamPredictor
+from samkit.predictor import SamPredictor, TextEncoder
 
 
 @dataclass(frozen=True)
@@ -23,19 +23,20 @@ class PromptBatch:
     """A batch of B prompt sets for one image, in original-image pixels.
 
     ``points B x N x 2`` XY with ``labels B x N`` (1 foreground, 0 background), ``boxes B x 4``
-    XYXY, ``mask_input B x 1 x h x w`` low-res logits from an earlier prediction. Any may be
-    ``None``, not all.
+    XYXY, ``mask_input B x 1 x h x w`` low-res logits from an earlier prediction, ``texts``
+    B phrases (for a model with a text slot). Any may be ``None``, not all.
     """
 
     points: np.ndarray | None = None
     labels: np.ndarray | None = None
     boxes: np.ndarray | None = None
     mask_input: np.ndarray | None = None
+    texts: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
-        for array in (self.points, self.boxes, self.mask_input):
-            if array is not None:
-                return len(array)
+        for part in (self.points, self.boxes, self.mask_input, self.texts):
+            if part is not None:
+                return len(part)
         return 0
 
 
@@ -69,11 +70,13 @@ class PromptPredictor(Protocol):
 
 class SamPromptPredictor:
     """:class:`~samkit.predictor.SamPredictor` behind the :class:`PromptPredictor` interface
-    (``encoder_dtype``: see :class:`~samkit.predictor.SamPredictor`)."""
+    (``encoder_dtype`` and ``clip``, which embeds text prompts: see
+    :class:`~samkit.predictor.SamPredictor`)."""
 
-    def __init__(self, model: Sam, name: str, encoder_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: Sam, name: str, encoder_dtype: torch.dtype | None = None,
+                 clip: TextEncoder | None = None) -> None:
         self.name = name
-        self.predictor = SamPredictor(model, encoder_dtype=encoder_dtype)
+        self.predictor = SamPredictor(model, encoder_dtype=encoder_dtype, clip=clip)
 
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
@@ -86,6 +89,7 @@ class SamPromptPredictor:
             prompts.mask_input,
             multimask_output=multimask,
             return_logits=True,
+            texts=None if prompts.texts is None else list(prompts.texts),
         )
         return Prediction(_numpy(logits), _numpy(scores), _numpy(low_res))
 

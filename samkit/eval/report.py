@@ -41,6 +41,12 @@ TABLES: dict[str, tuple[list[str], Row]] = {
         lambda m: [str(m.get("images", 0)), str(m.get("masks", 0)), *(_num(m.get(k)) for k in (
             "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large"))],
     ),
+    "text": (
+        ["phrases", "text mIoU", "instances", "text + point mIoU", "point mIoU"],
+        lambda m: [str(m.get("text_prompts", 0)), _num(m.get("text_miou")),
+                   str(m.get("text_point_prompts", 0)), _num(m.get("text_point_miou")),
+                   _num(m.get("point_miou"))],
+    ),
 }
 
 
@@ -173,9 +179,20 @@ def _plot_instances(ax: Any, methods: dict[str, Any]) -> None:
     ax.set(xlabel="recall", ylabel="precision (mean over IoU .50:.95)", xlim=(0, 1), ylim=(0, 1))
 
 
+def _plot_text(ax: Any, methods: dict[str, Any]) -> None:
+    kinds = [("text_miou", "text"), ("text_point_miou", "text + point"), ("point_miou", "point")]
+    width = 0.8 / max(len(methods), 1)
+    for i, (name, m) in enumerate(methods.items()):
+        xs = [k + i * width for k in range(len(kinds))]
+        ax.bar(xs, [m.get(key) or 0.0 for key, _ in kinds], width=width, label=name)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(kinds))], [label for _, label in kinds])
+    ax.set(ylabel="mIoU", ylim=(0, 1))
+
+
 PLOTTERS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
     "points": _plot_points,
     "edges": _plot_edges,
     "proposals": _plot_proposals,
     "instances": _plot_instances,
+    "text": _plot_text,
 }
