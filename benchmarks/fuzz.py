@@ -26,7 +26,7 @@ def main() -> int:
     env = os.environ | {"SAMKIT_FUZZ_SCALE": str(args.scale), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
                "--hypothesis-show-statistics", str(REPO / "tests" / "test_fuzz.py"),
-               str(REPO / "tests" / "test_fuzz_api.py")]
+               str(REPO / "tests" / "test_fuzz_api.py"), str(REPO / "tests" / "test_fuzz_readers.py")]
     return subprocess.run(command, cwd=REPO, env=env, check=False).returncode
 
 
