@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,10 @@ if TYPE_CHECKING:  # only the *_torch methods use torch: reading images does not
 
 # SAM works at 1024 px; anything past 100 MP is almost surely a mistake or a decompression bomb.
 DEFAULT_MAX_PIXELS = 100_000_000
+
+# What Pillow raises for a damaged file besides OSError: a broken PNG chunk is a SyntaxError,
+# a short header a struct.error or EOFError, a bad field a ValueError.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
 def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -49,7 +54,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise
     except UnidentifiedImageError:
         raise SamkitError(f"not an image (unrecognised format): {path}") from None
-    except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (*DECODE_ERRORS, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SamkitError(f"cannot decode image {path}: {str(e).splitlines()[0]}") from None
 
 

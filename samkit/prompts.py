@@ -28,23 +28,30 @@ MAX_POINTS = 256
 @dataclass(frozen=True)
 class Prompts:
     """Prompts in original-image pixels: ``points K x 2`` XY with ``labels K`` (1 foreground,
-    0 background), and at most one XYXY ``box``."""
+    0 background), at most one XYXY ``box``, and an optional ``text`` phrase (for a model with
+    a text slot, docs/text.md)."""
 
     points: np.ndarray
     labels: np.ndarray
     box: np.ndarray | None
+    text: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "points": self.points.tolist(),
             "labels": self.labels.tolist(),
             "box": None if self.box is None else self.box.tolist(),
         }
+        if self.text is not None:
+            out["text"] = self.text
+        return out
 
 
-def parse_prompts(point_texts: list[str], box_texts: list[str]) -> Prompts:
-    """Turn ``--point`` / ``--box`` strings into a :class:`Prompts`; at least one is needed."""
-    if not point_texts and not box_texts:
+def parse_prompts(point_texts: list[str], box_texts: list[str],
+                  text: str | None = None) -> Prompts:
+    """Turn ``--point`` / ``--box`` strings (and a checked ``--text`` phrase) into a
+    :class:`Prompts`; at least one prompt is needed."""
+    if not point_texts and not box_texts and text is None:
         raise SamkitError(
             f"no prompt given: pass --point {POINT_SYNTAX} (repeatable) and/or --box {BOX_SYNTAX}"
         )
@@ -54,7 +61,7 @@ def parse_prompts(point_texts: list[str], box_texts: list[str]) -> Prompts:
     points = np.array([p[:2] for p in parsed], dtype=np.float64).reshape(-1, 2)
     labels = np.array([p[2] for p in parsed], dtype=np.int64)
     box = parse_box(box_texts[0]) if box_texts else None
-    return Prompts(points, labels, box)
+    return Prompts(points, labels, box, text)
 
 
 def parse_point(text: str) -> tuple[float, float, int]:
@@ -119,12 +126,13 @@ def _fmt(value: float) -> str:
 
 
 def wants_multimask(prompts: Prompts, *, single: bool) -> bool:
-    """Multimask output for ambiguous prompts, as the paper recommends: one point alone, or one
-    box without points. More prompts pin the object down, so one mask is better."""
+    """Multimask output for ambiguous prompts, as the paper recommends: one point alone, one
+    box without points, or text alone ("a wheel" of four). More prompts pin the object down,
+    so one mask is better."""
     if single:
         return False
     if prompts.box is None:
-        return len(prompts.points) == 1
+        return len(prompts.points) == 1 or (len(prompts.points) == 0 and prompts.text is not None)
     return len(prompts.points) == 0
 
 

@@ -1,8 +1,9 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules: one torch thread, a tiny random CLIP."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,3 +19,42 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ a tiny CLIP
+WORDS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def tiny_vocab() -> dict[str, int]:
+    """Single letters (no merges), then the special tokens last: as in OpenAI's vocab, the
+    end-of-text token has the highest id, which is where CLIP pools the text."""
+    vocab: dict[str, int] = {}
+    for c in WORDS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny CLIP in the Hugging Face layout (config.json, model.safetensors,
+    tokenizer files), as ``save_pretrained`` writes it."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("clip")
+    vocab = tiny_vocab()
+    torch.manual_seed(0)
+    # 64-wide heads like OpenAI's; eos_token_id 2 is the legacy value OpenAI's hub configs
+    # carry, which makes transformers pool at the highest token id.
+    config = transformers.CLIPConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 1,
+                     "max_position_embeddings": 16, "eos_token_id": 2,
+                     "bos_token_id": len(vocab) - 2, "pad_token_id": len(vocab) - 1},
+        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 1, "image_size": 32, "patch_size": 8},
+        projection_dim=24)
+    transformers.CLIPModel(config).eval().save_pretrained(folder)
+    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
+    return folder

@@ -564,6 +564,69 @@ def test_generated_token_only_off_loopback() -> None:
     assert is_loopback("localhost") and is_loopback("127.8.0.1") and not is_loopback("10.0.0.1")
 
 
+# ------------------------------------------------------------------------------ text prompts
+def text_loader(project, version, device):  # the ModelLoader signature
+    """The small model with a text slot the size of the tiny CLIP's embeddings (random)."""
+    torch.manual_seed(0)
+    sam = build_sam(SMALL)
+    sam.attach_text_prompt(24, "tiny-clip")
+    return sam.eval()
+
+
+def text_client(project: Project, loader, clip) -> TestClient:
+    service = ModelService(project, "cpu", loader=loader, clip=clip)
+    return TestClient(create_app(project, service, prefetch=False), base_url="http://127.0.0.1")
+
+
+def test_text_prompts_in_the_app(project: Project, clip_dir: Path) -> None:
+    """A model with a text slot and a CLIP answers text (alone: 3 masks, the predictor's own),
+    text + a point, and stores the text with an accepted mask; without the slot or the CLIP,
+    the page is told why and a text decode is a one-line 400."""
+    from samkit.clip import load_clip
+    from samkit.images import load_image
+    from samkit.predictor import SamPredictor
+
+    clip = load_clip(clip_dir)
+    plain = text_client(project, small_loader, clip)
+    status = plain.get("/api/models").json()["text"]
+    assert status["slot"] is False and "no text slot" in status["reason"]
+    assert "no text slot" in error_of(plain.post("/api/images/1/decode",
+                                                 json={"text": "a wheel"}), 400)
+    no_clip = text_client(project, text_loader, None)
+    status = no_clip.get("/api/models").json()["text"]
+    assert status["slot"] is True and status["ready"] is False and "--clip" in status["reason"]
+    assert "--clip" in error_of(no_clip.post("/api/images/1/decode", json={"text": "a wheel"}),
+                                400)
+
+    client = text_client(project, text_loader, clip)
+    assert client.get("/api/models").json()["text"] == {"slot": True, "ready": True,
+                                                       "clip": clip.name}
+    alone = client.post("/api/images/1/decode", json={"text": " a wheel "}).json()
+    assert len(alone["masks"]) == 3  # as ambiguous as one point
+    predictor = SamPredictor(text_loader(project, None, "cpu"), clip=clip)
+    predictor.set_image(load_image(project.image_path("img0.png")))
+    expected, scores, _ = predictor.predict(text="a wheel")
+    for mask, want, score in zip(alone["masks"], expected, scores, strict=True):
+        got = mask_utils.decode(mask["segmentation"]) > 0
+        union = np.logical_or(got, want).sum()
+        assert union == 0 or np.logical_and(got, want).sum() / union >= 0.99
+        assert mask["score"] == pytest.approx(float(score), abs=1e-4)
+    point = {"points": [[30, 20, 1]]}
+    with_text = client.post("/api/images/1/decode", json=point | {"text": "a cat"}).json()
+    without = client.post("/api/images/1/decode", json=point).json()
+    assert [m["score"] for m in with_text["masks"]] != [m["score"] for m in without["masks"]]
+    assert "no prompt" in error_of(client.post("/api/images/1/decode", json={"text": "  "}), 400)
+    assert "text" in error_of(client.post("/api/images/1/decode", json={"text": "x" * 201}), 422)
+
+    saved = client.post("/api/images/1/annotations", json=accept_body(
+        segmentation=alone["masks"][0]["segmentation"],
+        prompts={"points": [], "box": None, "text": "a wheel"})).json()
+    plain_saved = client.post("/api/images/1/annotations", json=accept_body()).json()
+    stored = {a["id"]: a["prompts"] for a in project.db.annotations(1)}
+    assert stored[saved["id"]] == {"points": [], "box": None, "text": "a wheel"}
+    assert stored[plain_saved["id"]] == {"points": [[20, 12, 1]], "box": None}
+
+
 def test_page_decoder_endpoints(project: Project, service: ModelService, tmp_path: Path) -> None:
     """The browser decoder's side of the API: float16 embedding bytes, the manifest's
     reasons for not decoding in the page, unknown graphs, the isolation headers."""

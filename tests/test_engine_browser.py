@@ -155,6 +155,7 @@ def test_click_accept_next_export_in_chromium(server, tmp_path: Path) -> None:
         # The small test model has random weights: the page must say so beside its masks.
         badge = page.locator("#model-badge.untrained")
         assert "UNTRAINED" in badge.inner_text() and "weights: " in badge.inner_text()
+        assert page.is_hidden("#text-row")  # the small model has no text slot
 
         page.keyboard.press("Enter")  # nothing to accept yet: a clear message
         page.wait_for_selector("#status.error")
@@ -437,3 +438,40 @@ def test_a_new_model_version_replaces_the_pages_cache(tmp_path: Path) -> None:
         page.wait_for_function(
             "document.getElementById('canvas').dataset.annotations === '1'")
         assert project.db.annotations(1)[0]["model_version"] == second.id
+
+
+# ------------------------------------------------------------------------------ text prompts
+def test_text_prompt_in_chromium(tmp_path: Path, clip_dir: Path) -> None:
+    """A model with a text slot, served with a CLIP: the page shows its text box; a phrase and
+    Enter give the predictor's masks for that phrase (decoded on the server, which holds the
+    CLIP); accepting stores the phrase with the mask and empties the box."""
+    from samkit.clip import load_clip
+    from test_engine import text_loader
+
+    project = open_project(tmp_path / "project", photos(tmp_path / "src"), None, None)
+    clip = load_clip(clip_dir)
+    service = ModelService(project, "cpu", loader=text_loader, clip=clip)
+    with serving(project, service, prefetch=False) as url, chromium_page() as page:
+        page.goto(url)
+        page.wait_for_selector("#canvas[data-ready='1']")
+        page.wait_for_selector("#text-prompt:enabled")
+        assert clip.name in page.get_attribute("#text-prompt", "title")
+        page.fill("#text-prompt", "a wheel")
+        before = decodes(page)
+        page.press("#text-prompt", "Enter")
+        page.wait_for_function(
+            f"Number(document.getElementById('canvas').dataset.decodes || 0) > {before}")
+        assert page.evaluate("window.samkitTimings.at(-1).decoder") == "server"
+        assert page.get_attribute("#canvas", "data-prediction") == "3"  # text alone: 3 masks
+        choice = page.evaluate("state.prediction.choice")
+        page.evaluate("document.activeElement.blur()")
+        page.keyboard.press("Enter")  # accept, outside the text box
+        page.wait_for_function(
+            "document.getElementById('canvas').dataset.annotations === '1'")
+        assert page.input_value("#text-prompt") == ""
+    [stored] = project.db.annotations(1)
+    assert stored["prompts"] == {"points": [], "box": None, "text": "a wheel"}
+    predictor = SamPredictor(text_loader(project, None, "cpu"), clip=clip)
+    predictor.set_image(load_image(project.image_path(project.db.images()[0].file_name)))
+    expected, _, _ = predictor.predict(text="a wheel")
+    assert mask_iou(rle_mask(stored["segmentation"]), expected[choice]) >= MATCH_IOU

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -156,6 +156,10 @@ config_keys = st.sampled_from(["lr", "batch_size", "scale_range", "data", "model
                                     st.tuples(config_keys, json_values).map(
                                         lambda kv: f"{kv[0]}={json.dumps(kv[1])}")),
                           max_size=3))
+# Found by the larger runs: a key with newlines, pairs that are not pairs, a scalar encoder.
+@example(document="? '\n\n'", overrides=[])
+@example(document="", overrides=['prompt_iterations=[{"": null, "0": null}]'])
+@example(document="", overrides=["model_overrides.encoder=1"])
 def test_generated_training_configs(tmp_path: Path, document: str, overrides: list[str]) -> None:
     from samkit.train.config import TrainConfig, load_config
 

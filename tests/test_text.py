@@ -40,44 +40,6 @@ TINY_MODEL = {"model": "vit_b", "model_overrides": {
     "image_size": SIZE, "prompt_embed_dim": 64, "decoder_num_heads": 2, "decoder_mlp_dim": 128,
     "encoder": {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": [1],
                 "window_size": 4}}}
-WORDS = "abcdefghijklmnopqrstuvwxyz"
-
-
-# ------------------------------------------------------------------------------ a tiny CLIP
-def tiny_vocab() -> dict[str, int]:
-    """Single letters (no merges), then the special tokens last: as in OpenAI's vocab, the
-    end-of-text token has the highest id, which is where CLIP pools the text."""
-    vocab: dict[str, int] = {}
-    for c in WORDS:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return vocab
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random tiny CLIP in the Hugging Face layout (config.json, model.safetensors,
-    tokenizer files), as ``save_pretrained`` writes it."""
-    folder = tmp_path_factory.mktemp("clip")
-    vocab = tiny_vocab()
-    torch.manual_seed(0)
-    # 64-wide heads like OpenAI's; eos_token_id 2 is the legacy value OpenAI's hub configs
-    # carry, which makes transformers pool at the highest token id.
-    config = transformers.CLIPConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 1,
-                     "max_position_embeddings": 16, "eos_token_id": 2,
-                     "bos_token_id": len(vocab) - 2, "pad_token_id": len(vocab) - 1},
-        vision_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                       "num_attention_heads": 1, "image_size": 32, "patch_size": 8},
-        projection_dim=24)
-    transformers.CLIPModel(config).eval().save_pretrained(folder)
-    transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
-    return folder
-
-
 def reference_model(folder: Path):
     return transformers.CLIPModel.from_pretrained(str(folder)).eval()
 

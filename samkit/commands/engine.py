@@ -44,6 +44,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
                           help="where masks are decoded: in the page (default; needs "
                           "scripts/get_web_runtime.sh, else the server does it) or always "
                           "on the server")
+    annotate.add_argument("--clip", metavar="DIR",
+                          help="CLIP weights for text prompts (a Hugging Face CLIP folder): "
+                          "the page shows a text box when the model has a text slot "
+                          "(docs/text.md)")
     annotate.set_defaults(func=run_annotate)
 
     engine = subparsers.add_parser(
@@ -143,8 +147,13 @@ def run_annotate(args: argparse.Namespace) -> int:
     listener = bind_listener(args.host, args.port)
     port = listener.getsockname()[1]
     project = open_project(args.project, args.images, args.model, args.checkpoint)
+    clip = None
+    if args.clip is not None:
+        from samkit.clip import load_clip
+
+        clip = load_clip(args.clip, device=device)
     service = ModelService(project, device,
-                           encoder_dtype=torch.bfloat16 if args.bf16 else None)
+                           encoder_dtype=torch.bfloat16 if args.bf16 else None, clip=clip)
     warn_if_untrained(f"model version {service.version.id} ({service.version.model})",
                       service.trained, fix="until it is trained")
     app = create_app(project, service, token=token,

@@ -75,15 +75,12 @@ def run(args: argparse.Namespace) -> int:
     from samkit.images import load_image
 
     text = check_text_arguments(args.text, args.clip)
-    prompts = parse_prompts(args.point, args.box) if args.point or args.box or text is None \
-        else Prompts(np.zeros((0, 2), np.float32), np.zeros(0, np.int64), None)
+    prompts = parse_prompts(args.point, args.box, text)
     choice = resolve_model(args.model, args.checkpoint)
     device = resolve_device(args.device)
     image = load_image(args.image)
     check_prompts_fit(prompts, height=image.shape[0], width=image.shape[1])
-    # Text alone is as ambiguous as one point ("a wheel" of four): 3 masks unless --single.
-    text_alone = text is not None and not args.point and not args.box
-    multimask = not args.single if text_alone else wants_multimask(prompts, single=args.single)
+    multimask = wants_multimask(prompts, single=args.single)
     # Only now that the inputs are known good, so a typo leaves no empty folder behind.
     out_dir = prepare_out_dir(args.out or DEFAULT_OUT_ROOT / Path(args.image).stem)
 
@@ -99,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         clip = load_clip(args.clip, device=device)
     warn_if_untrained(f"model {choice.name!r}", trained)
     masks, scores = predict(model, image, prompts, multimask,
-                            torch.bfloat16 if args.bf16 else None, text, clip)
+                            torch.bfloat16 if args.bf16 else None, clip)
     result = describe_run(
         Path(args.image), image, choice, trained, prompts, multimask, masks, scores
     )
@@ -132,11 +129,10 @@ def check_text_arguments(text: str | None, clip: str | None) -> str | None:
 
 def predict(
     model: Sam, image: np.ndarray, prompts: Prompts, multimask: bool,
-    encoder_dtype: torch.dtype | None = None, text: str | None = None,
-    clip: TextEncoder | None = None,
+    encoder_dtype: torch.dtype | None = None, clip: TextEncoder | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embed ``image`` (under autocast to ``encoder_dtype`` if given) and decode ``prompts``
-    (and ``text``, embedded by ``clip``): ``masks C x H x W`` bool and ``scores C``."""
+    (their text embedded by ``clip``): ``masks C x H x W`` bool and ``scores C``."""
     from samkit.predictor import SamPredictor
 
     predictor = SamPredictor(model, encoder_dtype=encoder_dtype, clip=clip)
@@ -147,7 +143,7 @@ def predict(
         point_labels=prompts.labels if has_points else None,
         box=prompts.box,
         multimask_output=multimask,
-        text=text,
+        text=prompts.text,
     )
     return masks, scores
 

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from samkit.errors import SamkitError
+from samkit.images import DECODE_ERRORS
 
 GRABCUT_IGNORE = 128
 VOID_INDEX = 255
@@ -43,7 +44,7 @@ def read_mask_objects(path: Path, size: tuple[int, int]) -> list[ObjectMask]:
         with Image.open(path) as im:
             im.load()
             mode, array = im.mode, np.asarray(im)
-    except (OSError, ValueError) as err:
+    except DECODE_ERRORS as err:
         raise SamkitError(f"cannot read mask {path.name}: {str(err).splitlines()[0]}") from None
     if array.shape[:2] != tuple(size):
         raise SamkitError(

@@ -28,10 +28,11 @@ import torch
 from samkit.build import build_sam, is_trained, weights_source
 from samkit.engine.db import ImageRow, ModelVersion
 from samkit.engine.project import Project
+from samkit.errors import SamkitError
 from samkit.images import load_image
 from samkit.io import atomic_output
 from samkit.modeling.sam import Sam
-from samkit.predictor import EmbeddedImage, SamPredictor
+from samkit.predictor import EmbeddedImage, SamPredictor, TextEncoder
 from samkit.prompts import Prompts
 
 # How long a request waits for the model before it is told the server is busy.
@@ -39,6 +40,7 @@ CLICK_PATIENCE_S = 15.0  # a click or an image switch: worth waiting for an embe
 PREVIEW_PATIENCE_S = 0.25  # a hover preview: stale a moment later anyway
 BACKGROUND_POLL_S = 0.05
 MEMORY_CACHE_SIZE = 8  # embeddings kept in RAM (1 MiB each for samkit-tiny, 4 for ViT)
+TEXT_CACHE_SIZE = 64  # CLIP text embeddings kept: hover previews repeat the same phrase
 # CPU threads for one decode. Its matrices are small (about a thousand rows), so a second
 # thread gains little, and on shared cores it costs a lot: OpenMP waits for a descheduled
 # thread. On the 2-core dev machine under load, samkit-tiny decoded a click in 48 ms (median)
@@ -71,8 +73,11 @@ class ModelService:
     def __init__(self, project: Project, device: str = "cpu",
                  loader: ModelLoader = load_version_model,
                  decode_threads: int | None = DECODE_THREADS,
-                 encoder_dtype: torch.dtype | None = None) -> None:
+                 encoder_dtype: torch.dtype | None = None,
+                 clip: TextEncoder | None = None) -> None:
         self.project = project
+        # Text prompts, for model versions with a text slot (checked against it at each load).
+        self.clip = clip
         self.device = device
         # bf16 embeddings are cached apart from fp32 ones (see Project.embedding_path).
         self.encoder_dtype = encoder_dtype
@@ -86,6 +91,7 @@ class ModelService:
         self._waiting = 0  # interactive requests queued for the lock
         self._waiting_lock = threading.Lock()
         self._memory: OrderedDict[tuple[int, int], EmbeddedImage] = OrderedDict()
+        self._phrases: OrderedDict[str, torch.Tensor] = OrderedDict()  # CLIP's, by phrase
         self._load(project.db.current_model_version())
 
     def _load(self, version: ModelVersion) -> None:
@@ -94,7 +100,9 @@ class ModelService:
         self.model = model
         self.trained = is_trained(model)
         self.weights = weights_source(model)
-        self._predictor = SamPredictor(model, encoder_dtype=self.encoder_dtype)
+        has_slot = model.text_prompt is not None
+        self._predictor = SamPredictor(model, encoder_dtype=self.encoder_dtype,
+                                       clip=self.clip if has_slot else None)
         self._current: tuple[int, int] | None = None  # (version, image) in the predictor
         self._memory.clear()
 
@@ -132,6 +140,18 @@ class ModelService:
                 "for_s": round(time.monotonic() - self._activity_since, 3),
                 "version": self.version.id, "trained": self.trained, "weights": self.weights,
                 "device": self.device}
+
+    def text_status(self) -> dict[str, Any]:
+        """Whether the loaded version takes text prompts: ``ready``, else ``reason`` says
+        what is missing (the page shows its text box only when ready)."""
+        if self.model.text_prompt is None:
+            return {"slot": False, "ready": False, "reason": f"model version "
+                    f"{self.version.id} has no text slot (train one with text_clip: "
+                    "docs/text.md)"}
+        if self.clip is None:
+            return {"slot": True, "ready": False, "reason": "the model has a text slot: "
+                    "start samkit annotate with --clip DIR to prompt it with text"}
+        return {"slot": True, "ready": True, "clip": self.clip.name}
 
     # ------------------------------------------------------------------ embeddings
     def has_embedding(self, image_id: int) -> bool:
@@ -204,6 +224,8 @@ class ModelService:
         has_points = len(prompts.points) > 0
         with self.using_model(f"decoding image {image.id}", patience), \
                 _torch_threads(self.decode_threads):
+            if prompts.text is not None and not (status := self.text_status())["ready"]:
+                raise SamkitError(f"text prompt refused: {status['reason']}")
             self._select(image)
             start = time.perf_counter()
             masks, scores, _ = self._predictor.predict(
@@ -211,10 +233,22 @@ class ModelService:
                 point_labels=prompts.labels if has_points else None,
                 box=prompts.box,
                 multimask_output=multimask,
+                text_embedding=None if prompts.text is None else
+                self._phrase_embedding(prompts.text),
             )
             elapsed = (time.perf_counter() - start) * 1e3
             version_id = self.version.id
         return Decoded(masks, scores, elapsed, version_id)
+
+    def _phrase_embedding(self, text: str) -> torch.Tensor:
+        """CLIP's embedding of ``text`` (``D``), computed once per phrase (holding the lock)."""
+        if text not in self._phrases:
+            assert self.clip is not None  # text_status() was ready
+            self._phrases[text] = self.clip.embed_text([text])[0]
+            while len(self._phrases) > TEXT_CACHE_SIZE:
+                self._phrases.popitem(last=False)
+        self._phrases.move_to_end(text)
+        return self._phrases[text]
 
     def generate(self, image: ImageRow, options: dict[str, Any], patience: float, *,
                  background: bool = False) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 # JSON bodies (prompts, accepted masks as RLE, settings): a 100 MP mask's RLE is a few MB.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_POINTS = 64  # more clicks than anyone makes on one object
+MAX_TEXT_CHARS = 200  # CLIP reads 77 tokens; a phrase names one object
 MAX_SECONDS = 86_400.0
 ANNOTATOR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._@-]{0,63}$"
 
@@ -54,11 +55,12 @@ class _Body(BaseModel):
 
 
 class PromptIn(_Body):
-    """Prompts in image pixels: points ``[x, y, label]`` (1 foreground, 0 background) and an
-    optional XYXY box."""
+    """Prompts in image pixels: points ``[x, y, label]`` (1 foreground, 0 background), an
+    optional XYXY box, and an optional text phrase (models with a text slot)."""
 
     points: list[tuple[float, float, Literal[0, 1]]] = Field(default=[], max_length=MAX_POINTS)
     box: tuple[float, float, float, float] | None = None
+    text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
 
 
 class DecodeIn(PromptIn):
@@ -261,7 +263,8 @@ def create_app(project: Project, service: ModelService, *, token: str | None = N
         item = NewAnnotation(
             image_id=image.id, stage=int(db.get_setting("stage")), status="accepted",
             segmentation=mask["segmentation"], area=mask["area"], bbox=mask["bbox"],
-            prompts=None if body.prompts is None else body.prompts.model_dump(),
+            prompts=None if body.prompts is None else body.prompts.model_dump(
+                exclude={"text"} if body.prompts.text is None else None),
             score=body.score, stability=None, annotator=body.annotator, seconds=body.seconds,
             model_version=version,
         )
@@ -304,6 +307,7 @@ def create_app(project: Project, service: ModelService, *, token: str | None = N
     def models() -> dict[str, Any]:
         return {"loaded": service.version.id, "trained": service.trained,
                 "model": service.version.model, "weights": service.weights,
+                "text": service.text_status(),
                 "versions": [v.to_json() for v in db.model_versions()]}
 
     @app.post("/api/models/current")
@@ -352,8 +356,9 @@ def create_app(project: Project, service: ModelService, *, token: str | None = N
 
 def to_prompts(body: PromptIn, image: ImageRow) -> Prompts:
     """Validated prompts for ``image``; every problem is a one-line :class:`SamkitError`."""
-    if not body.points and body.box is None:
-        raise SamkitError("no prompt given: send at least one point or a box")
+    text = None if body.text is None else body.text.strip() or None
+    if not body.points and body.box is None and text is None:
+        raise SamkitError("no prompt given: send at least one point, a box or a text")
     points = np.array([p[:2] for p in body.points], dtype=np.float64).reshape(-1, 2)
     labels = np.array([p[2] for p in body.points], dtype=np.int64)
     box = None
@@ -362,13 +367,19 @@ def to_prompts(body: PromptIn, image: ImageRow) -> Prompts:
         if x1 <= x0 or y1 <= y0:
             raise SamkitError("box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
         box = np.array(body.box, dtype=np.float64)
-    prompts = Prompts(points, labels, box)
+    prompts = Prompts(points, labels, box, text)
     check_prompts_fit(prompts, height=image.height, width=image.width)
     return prompts
 
 
 def _too_large(limit: int) -> str:
     return f"upload too large: the limit is {limit / 1024 / 1024:.1f} MiB"
+
+
+def field_name(part: str | int) -> str:
+    """A request field's name as an error message shows it: as sent when it is a plain name
+    or index, quoted with escapes otherwise (a client's key may hold a newline)."""
+    return str(part) if isinstance(part, int) or part.isidentifier() else repr(part)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -393,7 +404,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         problems = [
             "the body is not valid JSON" if e["type"] == "json_invalid" else
-            f"{'.'.join(str(part) for part in e['loc'] if part != 'body') or 'body'}: {e['msg']}"
+            f"{'.'.join(field_name(part) for part in e['loc'] if part != 'body') or 'body'}: "
+            f"{e['msg']}"
             for e in err.errors()[:5]
         ]
         return error(422, "invalid request: " + "; ".join(problems))

@@ -150,7 +150,9 @@ class TrainConfig:
         if not 0 < self.layer_decay <= 1:
             raise SamkitError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if (not self.prompt_iterations
-                or any(len(p) != 2 or p[0] < 0 or p[1] < 1 for p in self.prompt_iterations)
+                or not all(isinstance(p, (list, tuple)) and len(p) == 2
+                           and all(type(n) is int for n in p) for p in self.prompt_iterations)
+                or any(p[0] < 0 or p[1] < 1 for p in self.prompt_iterations)
                 or min(p[0] for p in self.prompt_iterations) != 0):
             raise SamkitError("prompt_iterations must be [from_step, passes] pairs with "
                               f"passes >= 1, one from step 0; got {self.prompt_iterations}")
@@ -172,6 +174,9 @@ class TrainConfig:
         base = get_config(self.model)
         overrides = dict(self.model_overrides)
         encoder_overrides = overrides.pop("encoder", None) or {}
+        if not isinstance(encoder_overrides, dict):
+            raise SamkitError("model_overrides.encoder must be a mapping of encoder fields, "
+                              f"got {encoder_overrides!r}")
         try:
             encoder = dataclasses.replace(base.encoder, **_tuples(encoder_overrides))
             # Trained weights are this run's output, never the bundled file.
@@ -235,7 +240,7 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise SamkitError(
-            f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(hints)}"
+            f"unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(hints)}"
         )
     try:
         return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})

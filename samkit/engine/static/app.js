@@ -28,6 +28,7 @@ const state = {
   info: null, // {id, width, height, file_name}
   points: [], // [x, y, label]
   box: null, // [x0, y0, x1, y1]
+  text: "", // a text prompt (models with a text slot and a CLIP; always decoded on the server)
   dragStart: null,
   dragBox: null,
   // {masks: [{score, area, bbox, segmentation (server) or bits (page)}], choice,
@@ -277,19 +278,20 @@ function bitsLayer(mask, width, rgba) {
 // ------------------------------------------------------------------------------- prompting
 function promptBody(extraPoint) {
   const points = extraPoint ? [...state.points, extraPoint] : state.points;
-  return { points, box: state.box };
+  return state.text ? { points, box: state.box, text: state.text } : { points, box: state.box };
 }
 
 // The server's rule (samkit.prompts.wants_multimask): 3 masks for an ambiguous prompt, one
-// point alone or one box alone.
+// point alone, one box alone or text alone.
 function wantsMultimask(points, box) {
   return box ? points.length === 0 : points.length === 1;
 }
 
-// The page's decoder, when it holds the current image's embedding.
+// The page's decoder, when it holds the current image's embedding and the prompt has no
+// text (its graphs have no text slot: text goes to the server, which holds the CLIP).
 function localDecoder() {
   const d = state.decoder;
-  return d && d.image && state.info && d.image.id === state.info.id ? d : null;
+  return d && d.image && state.info && d.image.id === state.info.id && !state.text ? d : null;
 }
 
 function argmax(values) {
@@ -312,7 +314,7 @@ function recordTiming(since, entry) {
 // `since`: the click's event time (performance.now clock), for click-to-paint.
 async function decode(since) {
   const seq = ++state.decodeSeq;
-  if (!state.points.length && !state.box) {
+  if (!state.points.length && !state.box && !state.text) {
     state.prediction = null;
     render();
     return;
@@ -422,9 +424,15 @@ function cancelPreview() {
   }
 }
 
+function setText(text) {
+  state.text = text;
+  $("text-prompt").value = text;
+}
+
 function clearPrompt() {
   state.points = [];
   state.box = null;
+  setText("");
   state.prediction = null;
   state.maskInputs = [];
   state.decodeSeq++;
@@ -521,7 +529,7 @@ async function accept() {
     // A mask decoded in the page is encoded here; the server checks it like any other.
     segmentation: mask.segmentation ||
       SamkitDecoder.rleEncode(mask.bits, state.info.height, state.info.width),
-    prompts: { points: state.points, box: state.box },
+    prompts: promptBody(),
     score: mask.score,
     seconds: secondsSpent(),
     annotator: annotator(),
@@ -534,6 +542,7 @@ async function accept() {
     state.shownAt = performance.now();
     state.points = [];
     state.box = null;
+    setText("");
     state.prediction = null;
     state.maskInputs = [];
     state.undo = state.undo.filter((u) => u.type !== "point" && u.type !== "box");
@@ -682,6 +691,7 @@ async function openImage(index) {
     index, info: null, points: [], box: null, prediction: null, hover: null,
     annotations: [], selected: null, undo: [], maskInputs: [],
   });
+  setText("");
   showImages();
   showMasks();
   setStatus(`Loading ${summary.file_name}…`);
@@ -816,7 +826,31 @@ async function loadModels() {
     ? `${models.model} · trained · weights: ${models.weights}`
     : `${models.model} · UNTRAINED (weights: ${models.weights}) — masks mean nothing`;
   badge.className = models.trained ? "trained" : "untrained";
+  showTextPrompt(models.text);
 }
+
+// The text box: shown for a model with a text slot, usable once the server has its CLIP.
+function showTextPrompt(text) {
+  const row = $("text-row"), input = $("text-prompt");
+  row.hidden = !text.slot;
+  input.disabled = !text.ready;
+  input.title = text.ready ? `Describe the object (Enter); CLIP: ${text.clip}` : text.reason;
+  if (!text.ready && state.text) setText("");
+}
+
+$("text-prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter") {
+    e.preventDefault();
+    const text = e.target.value.trim();
+    if (!state.info || text === state.text) return;
+    cancelPreview();
+    state.text = text;
+    state.maskInputs = []; // a new text starts the object afresh
+    decode(e.timeStamp);
+  } else if (e.key === "Escape") {
+    e.target.blur();
+  }
+});
 
 $("model-version").addEventListener("focus", () => loadModels().catch((e) => report(e, "Models")));
 $("model-version").addEventListener("change", async (e) => {
