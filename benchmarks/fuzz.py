@@ -2,8 +2,8 @@
 
     python benchmarks/fuzz.py [--scale 20]
 
-CI runs each property with its bounded count (about 1,400 cases in all); this multiplies
-every count by ``--scale`` (20: about 28,000 cases) and prints pytest's summary. The cases
+CI runs each property with its bounded count (about 2,200 cases in all); this multiplies
+every count by ``--scale`` (20: about 44,000 cases) and prints pytest's summary. The cases
 are derandomised: a given scale always runs the same inputs.
 """
 

@@ -55,7 +55,7 @@ def make_images(folder: Path, count: int = 3) -> Path:
     return folder
 
 
-_models: dict[Path | None, torch.nn.Module] = {}
+_models: dict[Path | str | None, torch.nn.Module] = {}
 
 
 def small_loader(project, version, device):  # the ModelLoader signature
@@ -566,11 +566,15 @@ def test_generated_token_only_off_loopback() -> None:
 
 # ------------------------------------------------------------------------------ text prompts
 def text_loader(project, version, device):  # the ModelLoader signature
-    """The small model with a text slot the size of the tiny CLIP's embeddings (random)."""
-    torch.manual_seed(0)
-    sam = build_sam(SMALL)
-    sam.attach_text_prompt(24, "tiny-clip")
-    return sam.eval()
+    """The small model with a text slot the size of the tiny CLIP's embeddings (random),
+    built once: seeding torch while a server thread runs torch code races in torch's own
+    tracing state (a KeyError in torch.fx.traceback), so the build happens on first use."""
+    if "text" not in _models:
+        torch.manual_seed(0)
+        sam = build_sam(SMALL)
+        sam.attach_text_prompt(24, "tiny-clip")
+        _models["text"] = sam.eval()
+    return _models["text"]
 
 
 def text_client(project: Project, loader, clip) -> TestClient:
@@ -587,6 +591,7 @@ def test_text_prompts_in_the_app(project: Project, clip_dir: Path) -> None:
     from samkit.predictor import SamPredictor
 
     clip = load_clip(clip_dir)
+    reference = text_loader(project, None, "cpu")  # built before any server thread runs
     plain = text_client(project, small_loader, clip)
     status = plain.get("/api/models").json()["text"]
     assert status["slot"] is False and "no text slot" in status["reason"]
@@ -603,7 +608,7 @@ def test_text_prompts_in_the_app(project: Project, clip_dir: Path) -> None:
                                                        "clip": clip.name}
     alone = client.post("/api/images/1/decode", json={"text": " a wheel "}).json()
     assert len(alone["masks"]) == 3  # as ambiguous as one point
-    predictor = SamPredictor(text_loader(project, None, "cpu"), clip=clip)
+    predictor = SamPredictor(reference, clip=clip)
     predictor.set_image(load_image(project.image_path("img0.png")))
     expected, scores, _ = predictor.predict(text="a wheel")
     for mask, want, score in zip(alone["masks"], expected, scores, strict=True):

@@ -471,7 +471,7 @@ def test_text_prompt_in_chromium(tmp_path: Path, clip_dir: Path) -> None:
         assert page.input_value("#text-prompt") == ""
     [stored] = project.db.annotations(1)
     assert stored["prompts"] == {"points": [], "box": None, "text": "a wheel"}
-    predictor = SamPredictor(text_loader(project, None, "cpu"), clip=clip)
+    predictor = SamPredictor(service.model, clip=clip)  # the served weights
     predictor.set_image(load_image(project.image_path(project.db.images()[0].file_name)))
     expected, _, _ = predictor.predict(text="a wheel")
     assert mask_iou(rle_mask(stored["segmentation"]), expected[choice]) >= MATCH_IOU
