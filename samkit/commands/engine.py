@@ -146,12 +146,12 @@ def run_annotate(args: argparse.Namespace) -> int:
     # port the system picked; uvicorn serves on this very socket (no window for a race).
     listener = bind_listener(args.host, args.port)
     port = listener.getsockname()[1]
-    project = open_project(args.project, args.images, args.model, args.checkpoint)
     clip = None
-    if args.clip is not None:
+    if args.clip is not None:  # before the project: a bad --clip leaves no new project behind
         from samkit.clip import load_clip
 
         clip = load_clip(args.clip, device=device)
+    project = open_project(args.project, args.images, args.model, args.checkpoint)
     service = ModelService(project, device,
                            encoder_dtype=torch.bfloat16 if args.bf16 else None, clip=clip)
     warn_if_untrained(f"model version {service.version.id} ({service.version.model})",

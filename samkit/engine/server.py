@@ -21,7 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from samkit.engine import export as exporter
@@ -61,6 +61,12 @@ class PromptIn(_Body):
     points: list[tuple[float, float, Literal[0, 1]]] = Field(default=[], max_length=MAX_POINTS)
     box: tuple[float, float, float, float] | None = None
     text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+
+    @field_validator("text")
+    @classmethod
+    def _phrase(cls, text: str | None) -> str | None:
+        """The phrase as decoded and stored: trimmed; blank is no text."""
+        return None if text is None else text.strip() or None
 
 
 class DecodeIn(PromptIn):
@@ -356,8 +362,7 @@ def create_app(project: Project, service: ModelService, *, token: str | None = N
 
 def to_prompts(body: PromptIn, image: ImageRow) -> Prompts:
     """Validated prompts for ``image``; every problem is a one-line :class:`SamkitError`."""
-    text = None if body.text is None else body.text.strip() or None
-    if not body.points and body.box is None and text is None:
+    if not body.points and body.box is None and body.text is None:
         raise SamkitError("no prompt given: send at least one point, a box or a text")
     points = np.array([p[:2] for p in body.points], dtype=np.float64).reshape(-1, 2)
     labels = np.array([p[2] for p in body.points], dtype=np.int64)
@@ -367,7 +372,7 @@ def to_prompts(body: PromptIn, image: ImageRow) -> Prompts:
         if x1 <= x0 or y1 <= y0:
             raise SamkitError("box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0")
         box = np.array(body.box, dtype=np.float64)
-    prompts = Prompts(points, labels, box, text)
+    prompts = Prompts(points, labels, box, body.text)
     check_prompts_fit(prompts, height=image.height, width=image.width)
     return prompts
 

@@ -281,8 +281,9 @@ function promptBody(extraPoint) {
   return state.text ? { points, box: state.box, text: state.text } : { points, box: state.box };
 }
 
-// The server's rule (samkit.prompts.wants_multimask): 3 masks for an ambiguous prompt, one
-// point alone, one box alone or text alone.
+// The server's rule (samkit.prompts.wants_multimask) for the prompts the page decodes: 3
+// masks for an ambiguous prompt, one point alone or one box alone (text, which the server
+// decodes, follows the server's rule there).
 function wantsMultimask(points, box) {
   return box ? points.length === 0 : points.length === 1;
 }
