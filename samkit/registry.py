@@ -43,6 +43,7 @@ class HedConfig:
     neck_blocks: int = 0  # global self-attention blocks over the embedding grid, after the conv
     stem_int8: bool = False  # VGG conv weights stored as int8 (per output channel)
     context_block: bool = False  # VGG16's block 5, trained, on block 4 (grid-wide context)
+    detail_block: bool = False  # block 2 (stride 2: the low-res mask's pixels) into the grid
 
 
 @dataclass(frozen=True)

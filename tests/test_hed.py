@@ -216,6 +216,37 @@ def test_context_block_is_block5_and_starts_with_no_effect() -> None:
     assert far.abs().amax() > 0 and near_only.abs().amax() == 0  # ... through block 5 only
 
 
+def test_detail_block_folds_block2_cells_and_starts_with_no_effect() -> None:
+    """The detail branch is the stem's block 2 (4x the grid), each 4 x 4 patch of it stacked
+    into the grid cell it lies in; its projection starts at zero (a grown trained model
+    starts as it was) and gets a gradient; the stem then returns block 2 last (what a cache
+    stores)."""
+    torch.manual_seed(0)
+    plain = HedEncoder(img_size=256)
+    grown = HedEncoder(img_size=256, detail_block=True)
+    grown.load_state_dict(plain.state_dict() | {k: v for k, v in grown.state_dict().items()
+                                                 if k.startswith("neck.proj2.")})
+    assert grown.stem_outputs == ("block3", "block4", "block2")
+    x = torch.randn(1, 3, 256, 256) * 50
+    with torch.no_grad():
+        block3, block4, block2 = grown.stem(x)
+        assert block2.shape == (1, 128, 64, 64)
+        assert torch.equal(grown.head(block3, block4, block2), plain.head(block3, block4))
+        torch.testing.assert_close(grown(x), plain(x))
+    out = grown.head(block3, block4, block2)
+    out.square().sum().backward()
+    assert grown.neck.proj2.weight.grad.abs().sum() > 0  # training starts it moving
+    torch.nn.init.normal_(grown.neck.proj2.weight, std=0.05)
+    with torch.no_grad():
+        moved = grown.head(block3, block4, block2)
+        changed = block2.clone()
+        changed[..., 20:24, 32:36] += 10.0  # one 4 x 4 patch: grid cell (5, 8)
+        diff = (grown.head(block3, block4, changed) - moved).abs().amax(dim=1)[0]
+    reached = (diff > 0).nonzero().tolist()
+    assert [5, 8] in reached  # the cell itself, and through the 3 x 3 conv its neighbours only
+    assert all(abs(r - 5) <= 1 and abs(c - 8) <= 1 for r, c in reached)
+
+
 @needs_h5
 def test_context_block_loads_hed_block5(hed_state: dict[str, torch.Tensor]) -> None:
     from samkit.modeling.hed_encoder import load_hed_context

@@ -218,13 +218,19 @@ def test_loss_resolution_is_validated() -> None:
 HED_TINY = {"model": "samkit-tiny", "model_overrides": TINY_DECODER}
 
 
-def test_cached_feature_step_equals_uncached(shapes: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoder", [{}, {"detail_block": True, "context_block": True}],
+                         ids=["plain", "detail+context"])
+def test_cached_feature_step_equals_uncached(shapes: Path, tmp_path: Path,
+                                             encoder: dict) -> None:
     """A step on cached stem features gives the loss and gradients of the same step on the
-    pixels (the cache is the stem's exact output, fp32 here; fp16 is the default)."""
+    pixels (the cache is the stem's exact output, fp32 here; fp16 is the default); with the
+    detail branch the cache holds block 2 too."""
     from samkit.train.features import FeatureCache, build_feature_cache
 
     torch.manual_seed(0)
-    cfg = run_config(shapes, tmp_path, **HED_TINY, scale_range=(1.0, 1.0), hflip=False,
+    cfg = run_config(shapes, tmp_path, model="samkit-tiny",
+                     model_overrides=TINY_DECODER | {"encoder": encoder},
+                     scale_range=(1.0, 1.0), hflip=False,
                      loss_resolution="low", prompt_iterations=[[0, 3]])
     sam = build_sam_from_config(cfg.model_config())
     sam.image_encoder.features.requires_grad_(False)
@@ -234,6 +240,10 @@ def test_cached_feature_step_equals_uncached(shapes: Path, tmp_path: Path) -> No
                         progress=False)
     cache = FeatureCache(tmp_path / "cache")
     cache.check(sam, [str(shapes)], len(plain))
+    assert cache.manifest["features"] == list(sam.image_encoder.stem_outputs)
+    if encoder:  # the new branches start at zero: give them an effect to compare
+        for proj in (sam.image_encoder.neck.proj2, sam.image_encoder.neck.proj5):
+            torch.nn.init.normal_(proj.weight, std=0.05)
     cached = TrainDataset([open_source(str(shapes))], aug, seed=0, feature_cache=cache)
 
     step = TrainStep(sam, frozen_encoder=False, seed=0, loss_resolution="low",
@@ -282,6 +292,13 @@ def test_feature_cache_refuses_a_mismatch(shapes: Path, tmp_path: Path) -> None:
     other = build_sam_from_config(cfg.model_config())  # another random stem
     with pytest.raises(SamkitError, match="stem"):
         cache.check(other, [str(shapes)], len(dataset))
+    detail = run_config(shapes, tmp_path, model="samkit-tiny", model_overrides=TINY_DECODER
+                        | {"encoder": {"detail_block": True}}, scale_range=(1.0, 1.0),
+                        hflip=False)
+    needs_block2 = build_sam_from_config(detail.model_config())
+    needs_block2.image_encoder.features.load_state_dict(sam.image_encoder.features.state_dict())
+    with pytest.raises(SamkitError, match="differs in: features"):
+        cache.check(needs_block2, [str(shapes)], len(dataset))
     with pytest.raises(SamkitError, match="hflip"):
         TrainDataset([open_source(str(shapes))], AugmentConfig(SIZE), seed=0,
                      feature_cache=cache)

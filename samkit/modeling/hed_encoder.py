@@ -9,6 +9,10 @@ Why this shape (docs/samkit-tiny.md has the measurements):
 * Block 3 (stride 4, twice the grid's resolution) is folded into the grid by a space-to-depth
   step, so every embedding cell also carries its 2 x 2 sub-cells: SAM's decoder upsamples the
   embedding 4x and has no other source of detail.
+* Optionally block 2 (stride 2: the resolution of SAM's low-res mask, 4x the grid's) is
+  folded in the same way, 4 x 4 sub-cells a cell (*detail*): the decoder's two 2x transposed
+  convs map a cell's channels to exactly those 4 x 4 output pixels, so boundaries can sit
+  where the image's edges are rather than where an upsampled 8 px cell puts them.
 * The stem is frozen: its features are the expensive part and can be computed once per
   training image (:meth:`stem`), so a training step pays only for :meth:`head` and the
   decoder.
@@ -34,7 +38,7 @@ from samkit.modeling.hed import VGG16_BLOCKS, VGG16Features, VGGBlock
 from samkit.modeling.quant import round_int8
 
 STEM_BLOCKS = 4
-BLOCK3_CHANS, BLOCK4_CHANS, BLOCK5_CHANS = 256, 512, 512
+BLOCK2_CHANS, BLOCK3_CHANS, BLOCK4_CHANS, BLOCK5_CHANS = 128, 256, 512, 512
 
 
 class NeckBlock(nn.Module):
@@ -72,33 +76,40 @@ class NeckBlock(nn.Module):
 
 
 class HedNeck(nn.Module):
-    """``(block3 B x 256 x 2g x 2g, block4 B x 512 x g x g[, block5 B x 512 x g/2 x g/2])
-    -> B x out x g x g``.
+    """``(block3 B x 256 x 2g x 2g, block4 B x 512 x g x g[, block5 B x 512 x g/2 x g/2]
+    [, block2 B x 128 x 4g x 4g]) -> B x out x g x g``.
 
     Block 4 is projected to ``out`` channels; block 3 is projected to ``out / 4`` and its
-    2 x 2 cells stacked into channels (pixel unshuffle), then added; with ``context``, block 5
-    is projected to ``out`` and upsampled 2x (bilinear) onto the grid, and added too (its
-    projection starts at zero, so adding the branch to a trained neck changes nothing at
-    first). A 3 x 3 conv mixes neighbours; LayerNorms as in SAM's own neck; then
-    ``num_blocks`` :class:`NeckBlock` s.
+    2 x 2 cells stacked into channels (pixel unshuffle), then added; with ``detail``, block 2
+    is projected to ``out / 16`` and its 4 x 4 cells stacked the same way; with ``context``,
+    block 5 is projected to ``out`` and upsampled 2x (bilinear) onto the grid, and added too.
+    The optional branches' projections start at zero, so adding one to a trained neck
+    changes nothing at first. A 3 x 3 conv mixes neighbours; LayerNorms as in SAM's own
+    neck; then ``num_blocks`` :class:`NeckBlock` s.
     """
 
-    def __init__(self, out_chans: int = 256, num_blocks: int = 0, context: bool = False) -> None:
+    def __init__(self, out_chans: int = 256, num_blocks: int = 0, context: bool = False,
+                 detail: bool = False) -> None:
         super().__init__()
         self.proj4 = nn.Conv2d(BLOCK4_CHANS, out_chans, 1)
         self.proj3 = nn.Conv2d(BLOCK3_CHANS, out_chans // 4, 1)
         self.proj5 = nn.Conv2d(BLOCK5_CHANS, out_chans, 1) if context else None
-        if self.proj5 is not None:
-            nn.init.zeros_(self.proj5.weight)
-            nn.init.zeros_(self.proj5.bias)
+        self.proj2 = nn.Conv2d(BLOCK2_CHANS, out_chans // 16, 1) if detail else None
+        for branch in (self.proj5, self.proj2):
+            if branch is not None:
+                nn.init.zeros_(branch.weight)
+                nn.init.zeros_(branch.bias)
         self.norm1 = LayerNorm2d(out_chans)
         self.conv = nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False)
         self.norm2 = LayerNorm2d(out_chans)
         self.blocks = nn.Sequential(*(NeckBlock(out_chans) for _ in range(num_blocks)))
 
     def forward(self, block3: torch.Tensor, block4: torch.Tensor,
-                block5: torch.Tensor | None = None) -> torch.Tensor:
+                block5: torch.Tensor | None = None,
+                block2: torch.Tensor | None = None) -> torch.Tensor:
         x = self.proj4(block4) + F.pixel_unshuffle(self.proj3(block3), 2)
+        if self.proj2 is not None:
+            x = x + F.pixel_unshuffle(self.proj2(block2), 4)
         if self.proj5 is not None:
             # Project first (256 channels to upsample, not 512); g/2 -> g exactly.
             x = x + F.interpolate(self.proj5(block5), size=x.shape[-2:], mode="bilinear",
@@ -110,14 +121,17 @@ class HedEncoder(nn.Module):
     """``B x 3 x S x S -> B x out_chans x S/16 x S/16``; ``forward = head(*stem(x))``."""
 
     def __init__(self, img_size: int = 512, out_chans: int = 256, neck_blocks: int = 0,
-                 stem_int8: bool = False, context_block: bool = False) -> None:
+                 stem_int8: bool = False, context_block: bool = False,
+                 detail_block: bool = False) -> None:
         super().__init__()
         self.img_size = img_size
         self.features = VGG16Features(STEM_BLOCKS)
         # VGG16's block 5 (max-pool + three 3 x 3 convs on block 4), trained: see the module
         # docstring. It is part of the head, so a cache of the stem still serves.
         self.context = VGGBlock(VGG16_BLOCKS[STEM_BLOCKS], pool=True) if context_block else None
-        self.neck = HedNeck(out_chans, neck_blocks, context=context_block)
+        self.neck = HedNeck(out_chans, neck_blocks, context=context_block, detail=detail_block)
+        # What stem() returns, in order (a feature cache stores them under these names).
+        self.stem_outputs = ("block3", "block4") + (("block2",) if detail_block else ())
         # The VGG conv weights (stem, and the context block) are stored as int8 values times a
         # per-channel scale (half the bytes of fp16): see int8_weight_names; the frozen stem
         # is kept int8-valued in memory too (round_stem_to_int8), so training sees what ships.
@@ -129,19 +143,23 @@ class HedEncoder(nn.Module):
         without autograd, or from cached outputs."""
         return not any(p.requires_grad for p in self.features.parameters())
 
-    def stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen part: ``(block3 B x 256 x S/8 x S/8, block4 B x 512 x S/16 x S/16)``."""
+    def stem(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The frozen part: ``(block3 B x 256 x S/8 x S/8, block4 B x 512 x S/16 x S/16)``,
+        and ``block2 B x 128 x S/4 x S/4`` last with ``detail_block`` (:attr:`stem_outputs`)."""
         x = F.avg_pool2d(x, 2)  # the stem sees the image at S/2 (see the module docstring)
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fast conv layout
-        *_, block3, block4 = self.features(x)
-        return block3, block4
+        _, block2, block3, block4 = self.features(x)
+        return (block3, block4, block2) if self.neck.proj2 is not None else (block3, block4)
 
-    def head(self, block3: torch.Tensor, block4: torch.Tensor) -> torch.Tensor:
+    def head(self, block3: torch.Tensor, block4: torch.Tensor,
+             block2: torch.Tensor | None = None) -> torch.Tensor:
         """The trainable part, on :meth:`stem`'s outputs (live or cached)."""
         block3, block4 = block3.float(), block4.float()
         block5 = self.context(block4) if self.context is not None else None
-        return self.neck(block3, block4, block5).contiguous()
+        if block2 is not None:
+            block2 = block2.float()
+        return self.neck(block3, block4, block5, block2).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(*self.stem(x))

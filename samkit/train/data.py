@@ -312,11 +312,10 @@ class TrainDataset(Dataset):
         text = None if self.text_cache is None else self.text_cache.lookup(index, kept)
         features = None
         if self.feature_cache is not None:
-            block3, block4, size = self.feature_cache.load(index)
+            features, size = self.feature_cache.load(index)
             if tuple(size) != image.shape[:2]:
                 raise SamkitError(f"feature cache image #{index} is {tuple(size)}, the data "
                                   f"gives {image.shape[:2]}: the cache is stale")
-            features = (block3, block4)
         return Sample(image, masks, int(rng.integers(2**62)), features, text)
 
     def inference_view(self, index: int) -> np.ndarray:

@@ -46,7 +46,8 @@ def stem_hash(sam: Sam) -> str:
 
 def manifest_for(sam: Sam, sources: list[str], num_images: int) -> dict:
     return {"sources": list(sources), "num_images": num_images,
-            "image_size": sam.image_size, "stem": stem_hash(sam)}
+            "image_size": sam.image_size, "stem": stem_hash(sam),
+            "features": list(sam.image_encoder.stem_outputs)}
 
 
 def feature_path(folder: Path, index: int) -> Path:
@@ -78,10 +79,10 @@ def build_feature_cache(dataset: TrainDataset, sam: Sam, sources: list[str], fol
         h, w = image.shape[:2]
         x = torch.from_numpy(image).permute(2, 0, 1).float().to(sam.device)
         with torch.no_grad():
-            block3, block4 = encoder.stem(sam.preprocess(x)[None])
-        tensors = {"block3": block3[0].to(dtype).contiguous(),
-                   "block4": block4[0].to(dtype).contiguous(),
-                   "size": torch.tensor([h, w])}
+            outputs = encoder.stem(sam.preprocess(x)[None])
+        tensors = {name: out[0].to(dtype).contiguous()
+                   for name, out in zip(encoder.stem_outputs, outputs, strict=True)}
+        tensors["size"] = torch.tensor([h, w])
         with atomic_output(path) as tmp:
             save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
         if progress and (index + 1) % 100 == 0:
@@ -91,7 +92,8 @@ def build_feature_cache(dataset: TrainDataset, sam: Sam, sources: list[str], fol
 
 
 class FeatureCache:
-    """Read side: ``load(index) -> (block3, block4)`` fp16 tensors of one image."""
+    """Read side: ``load(index) -> (stem outputs, size)``: the fp16 tensors of one image in
+    the encoder's ``stem_outputs`` order, and its ``(h, w)``."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
@@ -113,6 +115,7 @@ class FeatureCache:
             raise SamkitError(f"feature cache {self.folder} is incomplete: {len(missing)} of "
                               f"{num_images} images missing (e.g. #{missing[0]}); build it again")
 
-    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    def load(self, index: int) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
         tensors = load_file(str(feature_path(self.folder, index)))
-        return tensors["block3"], tensors["block4"], tensors["size"].numpy()
+        names = self.manifest["features"]
+        return tuple(tensors[name] for name in names), tensors["size"].numpy()
