@@ -7,7 +7,8 @@ For the objects of the first ``--limit`` images of a dataset ``samkit eval point
 centroid, and prints per object the box / point IoU and the mean logit inside vs outside the
 object (for the point prompt's top-ranked mask). A model still on the "empty mask" plateau
 shows the same mean inside and outside; one that localises shows inside > outside well before
-its IoUs leave 0. Accepts a training ``checkpoint.pt`` or any weights file ``build_sam`` loads.
+its IoUs leave 0. Accepts a training ``checkpoint.pt`` (the model is built from the run's
+``config.yaml`` beside it, so grown models load too) or any weights file ``build_sam`` loads.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from samkit.build import build_sam, load_into, load_state_dict
+from samkit.build import build_sam, build_sam_from_config, load_into, load_state_dict
 from samkit.errors import SamkitError
 from samkit.eval.clicks import mask_iou
 from samkit.eval.datasets import open_dataset
 from samkit.predictor import SamPredictor
+from samkit.train.config import load_config
 
 GRABCUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grabcut"
 
@@ -34,7 +36,11 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=8)
     args = parser.parse_args()
 
-    sam = build_sam(args.model)
+    run_config = args.checkpoint.parent / "config.yaml"
+    if args.checkpoint.suffix == ".pt" and run_config.is_file():  # a run's own model
+        sam = build_sam_from_config(load_config(run_config).model_config())
+    else:
+        sam = build_sam(args.model)
     load_into(sam, load_state_dict(args.checkpoint), args.model, str(args.checkpoint))
     predictor = SamPredictor(sam.eval())
 

@@ -78,6 +78,21 @@ def test_no_weight_decay_set() -> None:
         assert group["lr"] == pytest.approx(1e-3 * group["lr_scale"])
 
 
+def test_new_modules_get_their_own_lr_scale() -> None:
+    """A grown model's new parts (init_new_modules) learn at new_module_scale times the rate
+    of the trained parts, layer decay still applied on top."""
+    model = vit_sam()
+    new = ("mask_decoder.iou_prediction_head", "image_encoder.blocks.1")
+    groups = param_groups(model, 1e-3, 0.1, 0.5, new_modules=new, new_module_scale=3.0)
+    plain = scales(model)
+    for group in groups:
+        for name in group["names"]:
+            expected = plain[name] * (3.0 if name.startswith(new) else 1.0)
+            assert group["lr_scale"] == pytest.approx(expected), name
+            assert group["lr"] == pytest.approx(1e-3 * expected)
+    assert any(n.startswith(new[0]) for g in groups for n in g["names"] if g["lr_scale"] == 3.0)
+
+
 def test_frozen_parameters_are_left_out() -> None:
     model = vit_sam()
     model.image_encoder.requires_grad_(False)

@@ -44,6 +44,10 @@ class TrainConfig:
     # e.g. [image_encoder.neck.blocks]): they keep their own initialisation (a NeckBlock
     # starts as the identity, so the grown model starts as the checkpoint's).
     init_new_modules: list[str] = field(default_factory=list)
+    # lr multiplier for the init_new_modules' parameters: the trained parts continue at a
+    # low rate (a fresh AdamW moves every weight by about lr a step, whatever its gradient)
+    # while the new ones learn at the rate of a run from scratch.
+    new_module_lr_scale: float = 1.0
     # full | frozen_encoder (train only prompt encoder + decoder) | text (train only the
     # text slot + decoder: App. D.5 as a fine-tune of an existing checkpoint)
     finetune: str = "full"

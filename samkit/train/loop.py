@@ -82,7 +82,8 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
         sam = build_model(cfg, env.device)
         if env.world_size > 1 and env.device.type == "cuda":
             sam = nn.SyncBatchNorm.convert_sync_batchnorm(sam)  # TinyViT's BN over all GPUs
-        optimizer = build_optimizer(sam, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.betas)
+        optimizer = build_optimizer(sam, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.betas,
+                                    cfg.init_new_modules, cfg.new_module_lr_scale)
         scheduler = build_scheduler(optimizer, cfg.warmup, cfg.iterations, cfg.decay_fractions)
 
         # --- data

@@ -82,9 +82,10 @@ def lr_scale(name: str, model: nn.Module, layer_decay: float) -> float:
     return layer_decay ** (depth + 1 - layer)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float,
-                 layer_decay: float) -> list[dict]:
-    """AdamW param groups of the trainable parameters, one per (lr scale, decay?) pair.
+def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float,
+                 new_modules: Sequence[str] = (), new_module_scale: float = 1.0) -> list[dict]:
+    """AdamW param groups of the trainable parameters, one per (lr scale, decay?) pair;
+    parameters under a ``new_modules`` prefix get ``new_module_scale`` times their scale.
 
     Each group also carries ``lr_scale`` and the parameter ``names`` (for inspection).
     """
@@ -94,6 +95,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
         if not p.requires_grad:
             continue
         scale = lr_scale(name, model, layer_decay)
+        if name.startswith(tuple(new_modules)):
+            scale *= new_module_scale
         decay = name not in exempt
         group = groups.setdefault((scale, decay), {
             "params": [], "names": [], "lr": lr * scale, "lr_scale": scale,
@@ -105,9 +108,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, layer_decay: float,
-                    betas: tuple[float, float]) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, lr, weight_decay, layer_decay), lr=lr,
-                             betas=betas)
+                    betas: tuple[float, float], new_modules: Sequence[str] = (),
+                    new_module_scale: float = 1.0) -> torch.optim.AdamW:
+    groups = param_groups(model, lr, weight_decay, layer_decay, new_modules, new_module_scale)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def lr_factor(step: int, warmup: int, iterations: int, decay_fractions: Sequence[float],
