@@ -55,7 +55,8 @@ def build_image_encoder(cfg: SamConfig, drop_path_rate: float = 0.0) -> nn.Modul
 
         return HedEncoder(img_size=cfg.image_size, out_chans=cfg.prompt_embed_dim,
                           neck_blocks=enc.neck_blocks, stem_int8=enc.stem_int8,
-                          context_block=enc.context_block, detail_block=enc.detail_block)
+                          context_block=enc.context_block, detail_block=enc.detail_block,
+                          train_block4=enc.train_block4)
     from samkit.modeling.tiny_vit import TinyViT
 
     return TinyViT(

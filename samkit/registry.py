@@ -44,6 +44,7 @@ class HedConfig:
     stem_int8: bool = False  # VGG conv weights stored as int8 (per output channel)
     context_block: bool = False  # VGG16's block 5, trained, on block 4 (grid-wide context)
     detail_block: bool = False  # block 2 (stride 2: the low-res mask's pixels) into the grid
+    train_block4: bool = False  # VGG block 4 trained with the head (the frozen stem: blocks 1-3)
 
 
 @dataclass(frozen=True)

@@ -247,6 +247,30 @@ def test_detail_block_folds_block2_cells_and_starts_with_no_effect() -> None:
     assert all(abs(r - 5) <= 1 and abs(c - 8) <= 1 for r, c in reached)
 
 
+def test_train_block4_moves_block4_into_the_head() -> None:
+    """With train_block4 the stem ends at block 3 (what a cache stores) and the head runs
+    block 4: the same function as the plain encoder on the same weights, with gradients for
+    block 4 and none for blocks 1-3 once the stem is frozen."""
+    torch.manual_seed(0)
+    plain = HedEncoder(img_size=256)
+    tuned = HedEncoder(img_size=256, train_block4=True)
+    tuned.load_state_dict(plain.state_dict())
+    tuned.freeze_stem()
+    assert tuned.stem_outputs == ("block3",) and tuned.stem_frozen
+    assert set(tuned.stem_state_dict()) == {k for k in plain.features.state_dict()
+                                            if not k.startswith("blocks.3.")}
+    x = torch.randn(1, 3, 256, 256) * 50
+    (block3,) = tuned.stem(x)
+    assert block3.shape == (1, 256, 32, 32) and not block3.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(tuned.head(block3), plain(x))
+    tuned.head(block3).square().sum().backward()
+    for i, block in enumerate(tuned.features.blocks):
+        grads = [p.grad for p in block.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads) if i == 3 else \
+            all(g is None for g in grads)
+
+
 @needs_h5
 def test_context_block_loads_hed_block5(hed_state: dict[str, torch.Tensor]) -> None:
     from samkit.modeling.hed_encoder import load_hed_context

@@ -218,8 +218,9 @@ def test_loss_resolution_is_validated() -> None:
 HED_TINY = {"model": "samkit-tiny", "model_overrides": TINY_DECODER}
 
 
-@pytest.mark.parametrize("encoder", [{}, {"detail_block": True, "context_block": True}],
-                         ids=["plain", "detail+context"])
+@pytest.mark.parametrize("encoder", [{}, {"detail_block": True, "context_block": True},
+                                     {"train_block4": True}],
+                         ids=["plain", "detail+context", "train_block4"])
 def test_cached_feature_step_equals_uncached(shapes: Path, tmp_path: Path,
                                              encoder: dict) -> None:
     """A step on cached stem features gives the loss and gradients of the same step on the
@@ -233,7 +234,7 @@ def test_cached_feature_step_equals_uncached(shapes: Path, tmp_path: Path,
                      scale_range=(1.0, 1.0), hflip=False,
                      loss_resolution="low", prompt_iterations=[[0, 3]])
     sam = build_sam_from_config(cfg.model_config())
-    sam.image_encoder.features.requires_grad_(False)
+    sam.image_encoder.freeze_stem()
     aug = AugmentConfig(SIZE, (1.0, 1.0), hflip=False)
     plain = TrainDataset([open_source(str(shapes))], aug, seed=0)
     build_feature_cache(plain, sam, [str(shapes)], tmp_path / "cache", dtype=torch.float32,
@@ -241,8 +242,8 @@ def test_cached_feature_step_equals_uncached(shapes: Path, tmp_path: Path,
     cache = FeatureCache(tmp_path / "cache")
     cache.check(sam, [str(shapes)], len(plain))
     assert cache.manifest["features"] == list(sam.image_encoder.stem_outputs)
-    if encoder:  # the new branches start at zero: give them an effect to compare
-        for proj in (sam.image_encoder.neck.proj2, sam.image_encoder.neck.proj5):
+    for proj in (sam.image_encoder.neck.proj2, sam.image_encoder.neck.proj5):
+        if proj is not None:  # a new branch starts at zero: give it an effect to compare
             torch.nn.init.normal_(proj.weight, std=0.05)
     cached = TrainDataset([open_source(str(shapes))], aug, seed=0, feature_cache=cache)
 

@@ -15,7 +15,9 @@ Why this shape (docs/samkit-tiny.md has the measurements):
   where the image's edges are rather than where an upsampled 8 px cell puts them.
 * The stem is frozen: its features are the expensive part and can be computed once per
   training image (:meth:`stem`), so a training step pays only for :meth:`head` and the
-  decoder.
+  decoder. With ``train_block4`` the stem ends at block 3 and block 4 (still HED's weights
+  at the start) is trained as part of the head: the features adapt where they meet the
+  neck, for about 6 GFLOP an image more per step.
 * SAM's decoder has no pixel-to-pixel attention: which cells belong together must already be
   in the embedding, and a 3 x 3 conv over block 4 sees a few cells. Two optional ways to
   give the neck that reach: VGG16's block 5 as a trainable *context* branch (pretrained;
@@ -122,7 +124,7 @@ class HedEncoder(nn.Module):
 
     def __init__(self, img_size: int = 512, out_chans: int = 256, neck_blocks: int = 0,
                  stem_int8: bool = False, context_block: bool = False,
-                 detail_block: bool = False) -> None:
+                 detail_block: bool = False, train_block4: bool = False) -> None:
         super().__init__()
         self.img_size = img_size
         self.features = VGG16Features(STEM_BLOCKS)
@@ -130,36 +132,59 @@ class HedEncoder(nn.Module):
         # docstring. It is part of the head, so a cache of the stem still serves.
         self.context = VGGBlock(VGG16_BLOCKS[STEM_BLOCKS], pool=True) if context_block else None
         self.neck = HedNeck(out_chans, neck_blocks, context=context_block, detail=detail_block)
+        self.train_block4 = train_block4
         # What stem() returns, in order (a feature cache stores them under these names).
-        self.stem_outputs = ("block3", "block4") + (("block2",) if detail_block else ())
+        self.stem_outputs = (("block3",) + (() if train_block4 else ("block4",))
+                             + (("block2",) if detail_block else ()))
         # The VGG conv weights (stem, and the context block) are stored as int8 values times a
         # per-channel scale (half the bytes of fp16): see int8_weight_names; the frozen stem
         # is kept int8-valued in memory too (round_stem_to_int8), so training sees what ships.
         self.stem_int8 = stem_int8
 
+    def stem_blocks(self) -> nn.ModuleList:
+        """The VGG blocks :meth:`stem` runs (all four, or 1-3 with ``train_block4``)."""
+        return self.features.blocks[:3] if self.train_block4 else self.features.blocks
+
+    def freeze_stem(self) -> None:
+        """How samkit trains the encoder: no gradient for the stem's blocks (block 4 stays
+        trainable with ``train_block4``)."""
+        self.features.requires_grad_(False)
+        if self.train_block4:
+            self.features.blocks[3].requires_grad_(True)
+
+    def stem_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights :meth:`stem`'s outputs are a function of (what a cache is keyed on),
+        named as in ``features``."""
+        count = len(self.stem_blocks())
+        return {k: v for k, v in self.features.state_dict().items()
+                if int(k.split(".")[1]) < count}
+
     @property
     def stem_frozen(self) -> bool:
         """No stem parameter takes gradients (how samkit trains it): the stem can then run
         without autograd, or from cached outputs."""
-        return not any(p.requires_grad for p in self.features.parameters())
+        return not any(p.requires_grad for p in self.stem_blocks().parameters())
 
     def stem(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The frozen part: ``(block3 B x 256 x S/8 x S/8, block4 B x 512 x S/16 x S/16)``,
-        and ``block2 B x 128 x S/4 x S/4`` last with ``detail_block`` (:attr:`stem_outputs`)."""
+        """The frozen part, in :attr:`stem_outputs` order: ``block3 B x 256 x S/8 x S/8``,
+        ``block4 B x 512 x S/16 x S/16`` (unless ``train_block4``), and ``block2 B x 128 x
+        S/4 x S/4`` with ``detail_block``."""
         x = F.avg_pool2d(x, 2)  # the stem sees the image at S/2 (see the module docstring)
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's fast conv layout
-        _, block2, block3, block4 = self.features(x)
-        return (block3, block4, block2) if self.neck.proj2 is not None else (block3, block4)
+        outputs = {}
+        for i, block in enumerate(self.stem_blocks(), start=1):
+            x = block(x)
+            outputs[f"block{i}"] = x
+        return tuple(outputs[name] for name in self.stem_outputs)
 
-    def head(self, block3: torch.Tensor, block4: torch.Tensor,
-             block2: torch.Tensor | None = None) -> torch.Tensor:
+    def head(self, *features: torch.Tensor) -> torch.Tensor:
         """The trainable part, on :meth:`stem`'s outputs (live or cached)."""
-        block3, block4 = block3.float(), block4.float()
+        named = {k: v.float() for k, v in zip(self.stem_outputs, features, strict=True)}
+        block3 = named["block3"]
+        block4 = named["block4"] if "block4" in named else self.features.blocks[3](block3)
         block5 = self.context(block4) if self.context is not None else None
-        if block2 is not None:
-            block2 = block2.float()
-        return self.neck(block3, block4, block5, block2).contiguous()
+        return self.neck(block3, block4, block5, named.get("block2")).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(*self.stem(x))

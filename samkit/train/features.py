@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 def stem_hash(sam: Sam) -> str:
     """A short hash of the stem's weights (what the cached features are a function of)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(sam.image_encoder.features.state_dict().items()):
+    for name, tensor in sorted(sam.image_encoder.stem_state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]

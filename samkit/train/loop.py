@@ -284,7 +284,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Sam:
         elif not cfg.init_checkpoint:
             warnings.warn("samkit-tiny's stem starts from random weights: set stem_weights "
                           "(scripts/get_hed_weights.sh) to train on HED's", stacklevel=2)
-        encoder.features.requires_grad_(False)
+        encoder.freeze_stem()
         encoder.round_stem_to_int8()  # what the shipped file stores; the cache is keyed on it
     if isinstance(encoder, TinyViT):  # the ImageNet classifier is kept for loading only
         encoder.head.requires_grad_(False)
