@@ -270,6 +270,18 @@ PAGE_MASKS = """() => ({
     SamkitDecoder.rleEncode(m.bits, state.info.height, state.info.width)),
   lowRes: Array.from(state.prediction.lowRes[state.prediction.choice]),
   decoder: window.samkitTimings[window.samkitTimings.length - 1].decoder,
+  session: window.samkitTimings[window.samkitTimings.length - 1].session,
+})"""
+
+
+IDB_KEYS = """() => new Promise((resolve, reject) => {
+  const open = indexedDB.open("samkit-annotate", 1);
+  open.onsuccess = () => {
+    const request = open.result.transaction("blobs").objectStore("blobs").getAllKeys();
+    request.onsuccess = () => resolve(request.result.map(String));
+    request.onerror = () => reject(request.error);
+  };
+  open.onerror = () => reject(open.error);
 })"""
 
 
@@ -286,8 +298,11 @@ def wait_decode(page: Any, before: int) -> dict:
 @needs_runtime
 @pytest.mark.parametrize("name", list(MODELS))
 def test_browser_decoder_matches_the_server(name: str, tmp_path: Path) -> None:
-    """Click, box and a refining second click decoded in the page give the server's masks;
-    accepting stores the page's mask; revisiting an image downloads nothing."""
+    """Click, box and a refining second click decoded in the page give the server's masks
+    (the click and the box through the shared-image pair's ``decoder_prompts.onnx``, the
+    refinement, which has a mask prompt, through ``decoder_select.onnx``); accepting stores
+    the page's mask; the page caches the graphs it runs; revisiting an image downloads
+    nothing."""
     project = open_project(tmp_path / "project", photos(tmp_path / "src"), None, None)
     service = ModelService(project, "cpu", loader=model_loader(MODELS[name]))
     with serving(project, service, prefetch=False) as url, \
@@ -302,6 +317,12 @@ def test_browser_decoder_matches_the_server(name: str, tmp_path: Path) -> None:
             page.inner_text("#decoder")
         assert page.evaluate("crossOriginIsolated")  # COOP/COEP: wasm threads allowed
         assert "Decoding in this page" in page.inner_text("#decoder")
+        # The fp32 graphs, each downloaded once and kept in IndexedDB by sha256.
+        with urllib.request.urlopen(f"{url}/api/decoder", timeout=60) as response:
+            graphs = json.loads(response.read())["graphs"]["fp32"].values()
+        assert page.evaluate("state.decoder.bytes.graph") == sum(g["bytes"] for g in graphs)
+        assert {k for k in page.evaluate(IDB_KEYS) if k.startswith("graph:")} == {
+            f"graph:{g['sha256']}" for g in graphs}
         box = page.locator("#canvas").bounding_box()
 
         def at(fx: float, fy: float) -> tuple[float, float]:
@@ -312,6 +333,7 @@ def test_browser_decoder_matches_the_server(name: str, tmp_path: Path) -> None:
         page.mouse.click(*at(0.5, 0.55))
         one = wait_decode(page, before)
         assert one["decoder"] == "browser" and len(one["masks"]) == 3
+        assert one["session"] == "decoder_prompts"
         prompts = {"points": one["points"], "box": one["box"]}
         for ours, theirs in zip(one["masks"], server_decode(url, prompts), strict=True):
             assert mask_iou(rle_mask(ours), theirs) >= MATCH_IOU
@@ -322,6 +344,7 @@ def test_browser_decoder_matches_the_server(name: str, tmp_path: Path) -> None:
         page.mouse.click(*at(0.3, 0.4), button="right")
         two = wait_decode(page, before)
         assert len(two["masks"]) == 1 and two["points"][1][2] == 0
+        assert two["session"] == "decoder_select"
         reference = refined_reference(service, project, one, two)
         assert mask_iou(rle_mask(two["masks"][0]), reference) >= MATCH_IOU
 
@@ -342,6 +365,7 @@ def test_browser_decoder_matches_the_server(name: str, tmp_path: Path) -> None:
         page.mouse.up()
         boxed = wait_decode(page, before)
         assert boxed["box"] is not None and not boxed["points"]
+        assert boxed["session"] == "decoder_prompts"
         server = server_decode(url, {"points": [], "box": boxed["box"]})
         for ours, theirs in zip(boxed["masks"], server, strict=True):
             assert mask_iou(rle_mask(ours), theirs) >= MATCH_IOU
@@ -396,17 +420,6 @@ def test_without_the_runtime_the_server_decodes(tmp_path: Path) -> None:
         page.keyboard.press("Enter")
         page.wait_for_function(
             "document.getElementById('canvas').dataset.annotations === '1'")
-
-
-IDB_KEYS = """() => new Promise((resolve, reject) => {
-  const open = indexedDB.open("samkit-annotate", 1);
-  open.onsuccess = () => {
-    const request = open.result.transaction("blobs").objectStore("blobs").getAllKeys();
-    request.onsuccess = () => resolve(request.result.map(String));
-    request.onerror = () => reject(request.error);
-  };
-  open.onerror = () => reject(open.error);
-})"""
 
 
 @needs_runtime

@@ -153,6 +153,41 @@ def test_decoder_upscales_to_any_size(tiny: tuple[Sam, Path], original: tuple[in
     assert np.abs(masks - expected.numpy()).max() <= TOL
 
 
+def test_decoder_select_upscales_only_the_masks_asked_for(tiny: tuple[Sam, Path],
+                                                           tmp_path: Path) -> None:
+    """``decoder_select.onnx`` (the annotation page's graph for mask-prompt refinement) is
+    ``decoder.onnx`` plus ``mask_index``: the same numbers, for the masks it names only."""
+    import onnx
+    import onnxruntime as ort
+
+    from samkit.onnx.export import export_decoder
+    from samkit.onnx.names import SELECT_INPUTS
+
+    sam, out = tiny
+    path = export_decoder(sam, tmp_path / "decoder_select.onnx", "samkit-tiny", select_masks=True)
+    graph = onnx.load(str(path)).graph
+    assert [v.name for v in graph.input] == SELECT_INPUTS
+    [masks_out] = [v for v in graph.output if v.name == "masks"]
+    assert [d.dim_param or d.dim_value for d in masks_out.type.tensor_type.shape.dim] == [
+        1, "num_masks", "height", "width"]
+    rng = np.random.default_rng(5)
+    feeds = {
+        "image_embeddings": rng.normal(size=(1, 256, 32, 32)).astype(np.float32),
+        "point_coords": np.array([[[100.0, 200.0], [300.0, 120.0], [0.0, 0.0]]], np.float32),
+        "point_labels": np.array([[1.0, 0.0, -1.0]], np.float32),
+        "mask_input": rng.normal(0, 4, (1, 1, 128, 128)).astype(np.float32),
+        "has_mask_input": np.ones(1, np.float32),
+        "orig_im_size": np.array([480, 640], np.float32),
+    }
+    full = onnx_predictor(out).decoder.run(None, feeds)
+    select = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for index in ([0], [1, 2, 3]):
+        masks, iou, low_res = select.run(None, {**feeds, "mask_index": np.array(index)})
+        assert masks.shape == (1, len(index), 480, 640)
+        assert np.abs(masks - full[0][:, index]).max() <= TOL
+        assert np.abs(iou - full[1]).max() <= TOL and np.abs(low_res - full[2]).max() <= TOL
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["decoder", "shared-image"])
 def test_int8_runs_and_stays_close(tiny: tuple[Sam, Path], shared: bool) -> None:
     _, out = tiny

@@ -33,7 +33,7 @@ from samkit.engine.project import Project, check_image_name
 from samkit.engine.security import (AccessMiddleware, BodyLimitMiddleware,
                                     IsolationMiddleware)
 from samkit.engine.stats import format_table, stats_rows
-from samkit.engine.web_decoder import GRAPHS, RUNTIME_FILES, WebDecoder
+from samkit.engine.web_decoder import FILES, RUNTIME_FILES, WebDecoder
 from samkit.errors import SamkitError
 from samkit.prompts import Prompts, check_prompts_fit, wants_multimask
 from samkit.rle import encode_masks, parse_rle
@@ -331,12 +331,12 @@ def create_app(project: Project, service: ModelService, *, token: str | None = N
         ``available: false`` with the reason; the first call per version starts the export."""
         return web.manifest()
 
-    @app.get("/api/decoder/v{version_id}/{kind}")
-    def decoder_graph(version_id: int, kind: str) -> FileResponse:
-        path = web.graph_path(version_id, kind)
+    @app.get("/api/decoder/v{version_id}/{name}")
+    def decoder_graph(version_id: int, name: str) -> FileResponse:
+        path = web.graph_path(version_id, name)
         if path is None:
-            raise HTTPException(404, f"no {kind!r} decoder graph for model version "
-                                     f"{version_id} (kinds: {', '.join(GRAPHS)})")
+            raise HTTPException(404, f"no {name!r} decoder graph for model version "
+                                     f"{version_id} (graphs: {', '.join(FILES)})")
         return FileResponse(path, media_type="application/octet-stream",
                             headers={"Cache-Control": "no-cache"})
 

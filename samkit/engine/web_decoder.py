@@ -1,13 +1,18 @@
 """The page's own decoder: the current model version's prompt encoder + mask decoder as ONNX
 graphs, run in the browser by onnxruntime-web, so a click costs the server nothing.
 
-* **Graphs.** The official-interface ``decoder.onnx`` of :mod:`samkit.onnx.export` (and its
-  int8 copy): it takes the previous mask's low-res logits as a prompt and upscales the masks
-  to the original image size inside the graph, exactly as the server's predictor does. They
-  are exported once per model version, in a background thread from a copy of the model (the
-  live one keeps serving), into ``cache/decoders/v<V>/`` beside the embeddings; the folder
-  appears complete or not at all (written elsewhere, then renamed), with a
-  ``manifest.json`` naming each graph's sha256 and size.
+* **Graphs.** Those of :mod:`samkit.onnx.export`: the shared-image pair
+  (``decoder_image.onnx`` once per image, ``decoder_prompts.onnx`` per prompt) for prompts
+  without a mask prompt, and ``decoder_select.onnx`` (``decoder.onnx``'s graph with the
+  pair's ``mask_index``) for mask-prompt refinement: a mask prompt changes the image side,
+  which the pair computes once. Both upscale only the masks the page shows (3 or 1) to the
+  original image size inside the graph, exactly as the server's predictor does. The int8
+  variant swaps in the int8 copies of ``decoder_select.onnx`` and ``decoder_prompts.onnx``;
+  ``decoder_image.onnx`` stays float32 in both, as in ``samkit export-onnx --quantize
+  int8``. They are exported once per model version, in a background thread from a copy of
+  the model (the live one keeps serving), into ``cache/decoders/v<V>/`` beside the
+  embeddings; the folder appears complete or not at all (written elsewhere, then renamed),
+  with a ``manifest.json`` naming each graph's sha256 and size.
 * **Runtime.** onnxruntime-web's files in ``static/ort/`` (``scripts/get_web_runtime.sh``,
   from npm). Without them, or with ``samkit annotate --decoder server``, or while a version's
   graphs are being exported, :meth:`WebDecoder.manifest` says why and the page decodes on the
@@ -30,13 +35,27 @@ from typing import Any
 from samkit.engine.model_service import ModelService
 from samkit.engine.project import Project
 from samkit.io import write_bytes_atomic
-from samkit.onnx.names import DECODER_FILE, INT8_SUFFIX
+from samkit.onnx.names import (
+    DECODER_IMAGE_FILE, DECODER_PROMPTS_FILE, DECODER_SELECT_FILE, INT8_FILES, int8_file)
 
 RUNTIME_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs")
 RUNTIME_URL = "/static/ort/"
 MANIFEST_FILE = "manifest.json"
-# Graph variants the page may ask for (fp32 matches the server; int8 is smaller and faster).
-GRAPHS = {"fp32": DECODER_FILE, "int8": DECODER_FILE.removesuffix(".onnx") + INT8_SUFFIX}
+# Bumped when the folder's graphs change: an older folder (format 1: decoder.onnx alone) is
+# exported again rather than served without the graphs the page now asks for.
+MANIFEST_FORMAT = 2
+# The page's graphs by role: the shared-image pair for prompts without a mask prompt,
+# decoder_select for those with one.
+_FP32 = {"decoder_select": DECODER_SELECT_FILE, "decoder_image": DECODER_IMAGE_FILE,
+         "decoder_prompts": DECODER_PROMPTS_FILE}
+# Graph variants the page may ask for, a file per role (fp32 matches the server; int8 is
+# smaller and faster).
+GRAPHS = {
+    "fp32": _FP32,
+    "int8": {role: int8_file(name) if name in INT8_FILES else name
+             for role, name in _FP32.items()},
+}
+FILES = sorted({name for files in GRAPHS.values() for name in files.values()})
 CACHE_ID_SETTING = "web_cache_id"  # names this project in the browser's IndexedDB
 # One export at a time in the process: torch's exporter is not safe to run in two threads
 # at once (two servers in one process, e.g. tests, or a quick model switch).
@@ -75,10 +94,13 @@ class WebDecoder:
         folder = self.project.decoder_dir(version.id)
         written = _read_manifest(folder)
         if written is not None:
+            files = written.pop("files")
             return {**base, **written, "available": True, "state": "ready",
                     "runtime": RUNTIME_URL, "cache_id": self.cache_id(),
-                    "graphs": {kind: {**info, "url": f"/api/decoder/v{version.id}/{kind}"}
-                               for kind, info in written["graphs"].items()}}
+                    "graphs": {variant: {role: {"file": name, **files[name],
+                                                "url": f"/api/decoder/v{version.id}/{name}"}
+                                         for role, name in roles.items()}
+                               for variant, roles in GRAPHS.items()}}
         with self._lock:
             if version.id in self._errors:
                 return {**base, "available": False, "state": "failed",
@@ -91,14 +113,15 @@ class WebDecoder:
                 "reason": f"exporting model version {version.id}'s decoder for the page "
                           "(once; about half a minute)"}
 
-    def graph_path(self, version_id: int, kind: str) -> Path | None:
-        """The file of an exported graph, or None when there is none (yet)."""
-        if kind not in GRAPHS:
+    def graph_path(self, version_id: int, name: str) -> Path | None:
+        """The exported graph file ``name`` (one of :data:`FILES`), or None when there is
+        none (yet)."""
+        if name not in FILES:
             return None
         folder = self.project.decoder_dir(version_id)
         if _read_manifest(folder) is None:
             return None
-        return folder / GRAPHS[kind]
+        return folder / name
 
     def cache_id(self) -> str:
         """A random id stored in the project: the page's IndexedDB keys start with it, so two
@@ -127,27 +150,37 @@ class WebDecoder:
 
 
 def export_graphs(sam: Any, model_name: str, folder: Path) -> dict[str, Any]:
-    """Write ``decoder.onnx``, ``decoder.int8.onnx`` and ``manifest.json`` into ``folder``,
-    which appears complete (a rename of a sibling temporary folder). Returns the manifest."""
-    from samkit.onnx.export import export_decoder, quantize_int8, require_packages
+    """Write the graphs of :data:`FILES` and ``manifest.json`` into ``folder``, which appears
+    complete (a rename of a sibling temporary folder; a folder of an older format is
+    replaced). Returns the manifest."""
+    from samkit.onnx.export import (
+        export_decoder, export_shared_decoder, quantize_int8, require_packages)
 
     require_packages(quantize=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}-{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
-        fp32 = export_decoder(sam, tmp / GRAPHS["fp32"], model_name)
-        quantize_int8(fp32, tmp / GRAPHS["int8"])
+        export_decoder(sam, tmp / DECODER_SELECT_FILE, model_name, select_masks=True)
+        export_shared_decoder(sam, tmp / DECODER_IMAGE_FILE, tmp / DECODER_PROMPTS_FILE,
+                              model_name)
+        for name in _FP32.values():
+            if name in INT8_FILES:
+                quantize_int8(tmp / name, tmp / int8_file(name))
         grid = list(sam.prompt_encoder.image_embedding_size)
         manifest = {
+            "format": MANIFEST_FORMAT,
             "image_size": int(sam.image_size),
             "embedding_shape": [1, int(sam.prompt_encoder.embed_dim), *grid],
             "mask_input_size": list(sam.prompt_encoder.mask_input_size),
             "mask_threshold": float(sam.mask_threshold),
-            "graphs": {kind: {"file": name, **_digest(tmp / name)}
-                       for kind, name in GRAPHS.items()},
+            "files": {name: _digest(tmp / name) for name in FILES},
         }
         write_bytes_atomic(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
+        if folder.exists() and _read_manifest(folder) is None:  # an older format's graphs
+            stale = folder.parent / f".{folder.name}-{secrets.token_hex(4)}.stale"
+            os.rename(folder, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, folder)
         except OSError:
@@ -167,10 +200,14 @@ def _digest(path: Path) -> dict[str, Any]:
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The folder's manifest, or None when there is none or it is of another format."""
     try:
-        return json.loads((folder / MANIFEST_FILE).read_text())
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        return None
+    return manifest
 
 
 def _first_line(err: Exception) -> str:

@@ -25,6 +25,11 @@ mask prompt, see :mod:`samkit.modeling.shared_image`)
     the masks to upscale, e.g. ``[1, 2, 3]``) and ``orig_im_size`` -> ``masks``
     ``1 x len(mask_index) x H x W``, ``iou_predictions`` ``1 x 4``, ``low_res_masks``
     ``1 x 4 x 4g x 4g``: the same numbers as ``decoder.onnx`` with ``has_mask_input = 0``.
+
+``decoder_select.onnx`` (the annotation page's graph for mask-prompt refinement, see
+:mod:`samkit.engine.web_decoder`; not written by :func:`export_onnx`)
+    ``decoder.onnx``'s inputs plus ``mask_index`` -> ``masks`` ``1 x len(mask_index) x H x W``,
+    ``iou_predictions`` and ``low_res_masks`` as for ``decoder.onnx``.
 """
 
 from __future__ import annotations
@@ -49,8 +54,8 @@ from samkit.modeling.sam import Sam
 from samkit.modeling.shared_image import ImageCache
 from samkit.onnx.names import (
     DECODER_FILE, DECODER_IMAGE_FILE, DECODER_INPUTS, DECODER_OUTPUTS, DECODER_PROMPTS_FILE,
-    ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS, INFO_FILE, INT8_SUFFIX, META_GRAPH,
-    META_IMAGE_SIZE, META_MODEL, PROMPTS_INPUTS)
+    ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS, INFO_FILE, INT8_FILES, META_GRAPH,
+    META_IMAGE_SIZE, META_MODEL, PROMPTS_INPUTS, SELECT_INPUTS, int8_file)
 
 QUANTIZE_CHOICES = ("int8",)
 OPSET = 18  # the dynamo exporter's native opset: no version conversion step to go wrong
@@ -102,11 +107,18 @@ class DecoderGraph(nn.Module):
         has_mask_input: torch.Tensor,
         orig_im_size: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        low_res, iou = self.decode(image_embeddings, point_coords, point_labels, mask_input,
+                                   has_mask_input)
+        return self.postprocess(low_res, orig_im_size), iou, low_res
+
+    def decode(
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor,
+        point_labels: torch.Tensor, mask_input: torch.Tensor, has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All 4 masks' ``1 x 4 x 4g x 4g`` low-res logits and ``1 x 4`` predicted IoUs."""
         sparse = self.embed_points(point_coords, point_labels)
         dense = self.embed_mask(mask_input, has_mask_input)
-        decoder = self.mask_decoder
-        low_res, iou = decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
-        return self.postprocess(low_res, orig_im_size), iou, low_res
+        return self.mask_decoder.predict_masks(image_embeddings, self.dense_pe, sparse, dense)
 
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Points and box corners as one token list: the same sums as
@@ -150,6 +162,24 @@ class DecoderGraph(nn.Module):
         frac = (src - lo.to(torch.float32)).clamp(0, 1).to(torch.float64)[:, None]
         rows = (1 - frac) * self.upscale[lo] + frac * self.upscale[hi]
         return rows.to(torch.float32)
+
+
+class DecoderSelectGraph(DecoderGraph):
+    """:class:`DecoderGraph` plus the prompts graph's ``mask_index`` input: only the masks it
+    names are upscaled to the original size. The annotation page's graph for mask-prompt
+    refinement, which shows one of the four masks: in onnxruntime-web the full-size upscaling
+    is the largest single cost of a decode (docs/engine.md), and ``decoder.onnx`` keeps the
+    official interface, which upscales all four."""
+
+    def forward(  # type: ignore[override]
+        self, image_embeddings: torch.Tensor, point_coords: torch.Tensor,
+        point_labels: torch.Tensor, mask_input: torch.Tensor, has_mask_input: torch.Tensor,
+        orig_im_size: torch.Tensor, mask_index: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        low_res, iou = self.decode(image_embeddings, point_coords, point_labels, mask_input,
+                                   has_mask_input)
+        masks = self.postprocess(low_res.index_select(1, mask_index), orig_im_size)
+        return masks, iou, low_res
 
 
 class DecoderImageGraph(nn.Module):
@@ -223,8 +253,9 @@ def export_onnx(
     }
     if quantize == "int8":
         # The image-side graph runs once per image and stays float32 (see docs/onnx.md).
-        for role in ("encoder", "decoder", "decoder_prompts"):
-            paths[f"{role}_int8"] = quantize_int8(paths[role], paths[role].with_suffix(INT8_SUFFIX))
+        for role, path in list(paths.items()):
+            if path.name in INT8_FILES:
+                paths[f"{role}_int8"] = quantize_int8(path, path.with_name(int8_file(path.name)))
     paths["info"] = write_info(sam, out / INFO_FILE, model_name, paths)
     return paths
 
@@ -240,11 +271,13 @@ def export_encoder(sam: Sam, path: Path, model_name: str = "custom") -> Path:
     )
 
 
-def export_decoder(sam: Sam, path: Path, model_name: str = "custom") -> Path:
-    """Export :class:`DecoderGraph` with a dynamic number of points and original size."""
+def export_decoder(sam: Sam, path: Path, model_name: str = "custom",
+                   select_masks: bool = False) -> Path:
+    """Export :class:`DecoderGraph` with a dynamic number of points and original size; with
+    ``select_masks``, :class:`DecoderSelectGraph` (and a dynamic number of masks)."""
     grid = sam.prompt_encoder.image_embedding_size
     low_res = sam.prompt_encoder.mask_input_size
-    example = (
+    example: tuple[torch.Tensor, ...] = (
         torch.zeros(1, sam.prompt_encoder.embed_dim, *grid),
         torch.tensor([[[10.0, 20.0], [0.0, 0.0]]]),
         torch.tensor([[1.0, LABEL_PAD]]),
@@ -253,10 +286,17 @@ def export_decoder(sam: Sam, path: Path, model_name: str = "custom") -> Path:
         torch.tensor([480.0, 640.0]),
     )
     points = torch.export.Dim("num_points")
-    dynamic = (None, {1: points}, {1: points}, None, None, None)
+    dynamic: tuple[Any, ...] = (None, {1: points}, {1: points}, None, None, None)
+    if not select_masks:
+        return _export(
+            DecoderGraph(sam), example, dynamic, DECODER_INPUTS, DECODER_OUTPUTS, path,
+            _metadata(sam, model_name, "decoder"), {"masks": [1, 4, "height", "width"]},
+        )
     return _export(
-        DecoderGraph(sam), example, dynamic, DECODER_INPUTS, DECODER_OUTPUTS, path,
-        _metadata(sam, model_name, "decoder"), {"masks": [1, 4, "height", "width"]},
+        DecoderSelectGraph(sam), (*example, torch.tensor([1, 2, 3])),
+        (*dynamic, {0: torch.export.Dim("num_masks")}), SELECT_INPUTS, DECODER_OUTPUTS, path,
+        _metadata(sam, model_name, "decoder_select"),
+        {"mask_index": ["num_masks"], "masks": [1, "num_masks", "height", "width"]},
     )
 
 

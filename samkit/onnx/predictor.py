@@ -24,13 +24,13 @@ from samkit.onnx.names import (
     ENCODER_FILE,
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
-    INT8_SUFFIX,
     LABEL_BOX_BOTTOM_RIGHT,
     LABEL_BOX_TOP_LEFT,
     LABEL_PAD,
     META_IMAGE_SIZE,
     META_MODEL,
     PROMPTS_INPUTS,
+    int8_file,
 )
 from samkit.prompts import check_boxes, check_points
 
@@ -88,7 +88,7 @@ class OnnxSamPredictor:
         folder = Path(folder)
 
         def graph(name: str) -> Path:
-            return folder / (name.removesuffix(".onnx") + (INT8_SUFFIX if int8 else ".onnx"))
+            return folder / (int8_file(name) if int8 else name)
 
         image, prompts = folder / DECODER_IMAGE_FILE, graph(DECODER_PROMPTS_FILE)
         shared = image.is_file() and prompts.is_file()

@@ -340,7 +340,7 @@ async function decode(since) {
       };
       ms = result.ms;
       entry = { decoder: "browser", graph: local.graph, threads: local.threads,
-        decode_ms: result.ms };
+        session: result.session, decode_ms: result.ms };
     } else {
       const result = await api("POST", `/api/images/${id}/decode`, promptBody());
       if (seq !== state.decodeSeq || !state.info || state.info.id !== id) return; // stale

@@ -2,11 +2,16 @@
 // and mask decoder run in the browser once the image embedding is computed).
 //
 // onnxruntime-web (wasm; SIMD, and threads when the page is cross-origin isolated) runs the
-// server's exported `decoder.onnx` (samkit.onnx.export, official interface): it takes the
-// embedding, the prompts in the resized frame, an optional previous low-res mask, and the
-// original size, and returns logits already upscaled to the image, exactly as the server's
-// predictor does. Graphs (by sha256) and float16 embeddings (by project, model version and
-// image) are kept in IndexedDB, so a second visit downloads nothing.
+// server's exported graphs (samkit.engine.web_decoder): `decoder_image.onnx` once per image
+// turns the embedding into the decoder's shared image-side products (kept in memory for the
+// current image), and `decoder_prompts.onnx` decodes each prompt without a mask prompt from
+// them; a prompt with a mask prompt (refinement: the shown mask's low-res logits) changes
+// the image side, so it goes through `decoder_select.onnx` (the official decoder.onnx graph
+// with `mask_index`), which takes the embedding itself. Both take the prompts in the
+// resized frame and the original size, and return logits already upscaled to the image for
+// the masks asked for only, exactly as the server's predictor does. Graphs (by sha256) and
+// float16 embeddings (by project, model version and image) are kept in IndexedDB, so a
+// second visit downloads nothing.
 "use strict";
 
 const SamkitDecoder = (() => {
@@ -179,47 +184,58 @@ const SamkitDecoder = (() => {
   }
 
   // -------------------------------------------------------------------------- the decoder
+  // Masks of a decode: the 3 multimask outputs, or the single-mask one (samkit.onnx.export).
+  const MULTIMASK = [1, 2, 3], SINGLE = [0];
+
   class BrowserDecoder {
     // manifest: GET /api/decoder (available); options: {graph: "fp32"|"int8", threads}.
     static async create(manifest, { graph = "fp32", threads = 1 } = {}) {
       const chosen = manifest.graphs[graph];
-      if (!chosen) throw new Error(`no ${graph} graph (have ${Object.keys(manifest.graphs)})`);
+      if (!chosen) throw new Error(`no ${graph} graphs (have ${Object.keys(manifest.graphs)})`);
       if (typeof ort === "undefined") await loadScript(`${manifest.runtime}ort.wasm.min.js`);
       ort.env.wasm.wasmPaths = manifest.runtime;
       ort.env.wasm.numThreads = threads;
       ort.env.wasm.proxy = false;
-      const shas = new Set(Object.values(manifest.graphs).map((g) => g.sha256));
+      const shas = new Set(Object.values(manifest.graphs).flatMap(
+        (roles) => Object.values(roles).map((g) => g.sha256)));
       const prefix = `emb:${manifest.cache_id}:`;
       const current = `${prefix}v${manifest.model_version}:`;
       await prune((key) => key.startsWith("graph:") ? shas.has(key.slice(6))
         : !key.startsWith(prefix) || key.startsWith(current));
-      const got = await cached(`graph:${chosen.sha256}`,
-        async () => (await fetchBytes(chosen.url)).bytes);
-      const session = await ort.InferenceSession.create(new Uint8Array(got.value), {
-        executionProviders: ["wasm"], graphOptimizationLevel: "all",
-      });
-      return new BrowserDecoder(manifest, graph, threads, session, got.hit ? 0 : chosen.bytes);
+      const sessions = {};
+      let downloaded = 0;
+      for (const [role, info] of Object.entries(chosen)) {
+        const got = await cached(`graph:${info.sha256}`,
+          async () => (await fetchBytes(info.url)).bytes);
+        if (!got.hit) downloaded += info.bytes;
+        sessions[role] = await ort.InferenceSession.create(new Uint8Array(got.value), {
+          executionProviders: ["wasm"], graphOptimizationLevel: "all",
+        });
+      }
+      return new BrowserDecoder(manifest, graph, threads, sessions, downloaded);
     }
 
-    constructor(manifest, graph, threads, session, downloaded) {
+    constructor(manifest, graph, threads, sessions, downloaded) {
       this.manifest = manifest;
       this.version = manifest.model_version;
       this.graph = graph;
       this.threads = threads;
-      this.session = session;
+      this.sessions = sessions; // by role: decoder_image, decoder_prompts, decoder_select
       this.imageSize = manifest.image_size;
       this.lowRes = manifest.mask_input_size; // [h, w] of the mask prompt
       this.limit = manifest.mask_threshold;
       this.bytes = { graph: downloaded, embeddings: 0 }; // fetched (not from IndexedDB)
-      this.image = null; // {id, height, width, embedding (ort.Tensor)}
-      this.running = null; // the session runs one prompt at a time
-      this.noMask = new ort.Tensor("float32", new Float32Array(this.lowRes[0] * this.lowRes[1]),
-        [1, 1, ...this.lowRes]);
+      this.image = null; // {id, height, width, embedding (ort.Tensor), products (by name)}
+      this.imageSeq = 0; // the latest setImage call: an earlier one finishing later is stale
+      this.running = null; // the sessions run one at a time
+      this.hasMask = new ort.Tensor("float32", Float32Array.of(1), [1]);
     }
 
     // Make image `id` (original size height x width) current: its embedding from IndexedDB,
-    // else from the server (computed there first if needed).
+    // else from the server (computed there first if needed), and its image-side products.
+    // Returns whether the embedding came from IndexedDB.
     async setImage(id, height, width) {
+      const seq = ++this.imageSeq;
       const key = `emb:${this.manifest.cache_id}:v${this.version}:${id}`;
       const got = await cached(key, async () => {
         const { bytes, headers } = await fetchBytes(
@@ -232,11 +248,11 @@ const SamkitDecoder = (() => {
         return bytes;
       });
       if (!got.hit) this.bytes.embeddings += got.value.byteLength;
-      const features = halfToFloat(new Uint16Array(got.value));
-      this.image = {
-        id, height, width,
-        embedding: new ort.Tensor("float32", features, this.manifest.embedding_shape),
-      };
+      const embedding = new ort.Tensor("float32", halfToFloat(new Uint16Array(got.value)),
+        this.manifest.embedding_shape);
+      const products = await this.exclusive(
+        () => this.sessions.decoder_image.run({ image_embeddings: embedding }));
+      if (seq === this.imageSeq) this.image = { id, height, width, embedding, products };
       return got.hit;
     }
 
@@ -244,13 +260,10 @@ const SamkitDecoder = (() => {
       return this.running !== null;
     }
 
-    // Prompts in image pixels, as the server takes them: points [[x, y, label]], box
-    // [x0, y0, x1, y1] or null, maskInput (a previous mask's low-res logits) or null.
-    // Returns {masks: [{bits, area, bbox, score}], lowRes: [Float32Array], ms}: the 3
-    // multimask outputs, or the single-mask one.
-    async decode({ points, box, maskInput = null, multimask }) {
+    // Run `job` (a session run) once the previous one has finished.
+    async exclusive(job) {
       while (this.running) await this.running.catch(() => {});
-      const run = this.run(points, box, maskInput, multimask);
+      const run = job();
       this.running = run;
       try {
         return await run;
@@ -259,8 +272,16 @@ const SamkitDecoder = (() => {
       }
     }
 
+    // Prompts in image pixels, as the server takes them: points [[x, y, label]], box
+    // [x0, y0, x1, y1] or null, maskInput (a previous mask's low-res logits) or null.
+    // Returns {masks: [{bits, area, bbox, score}], lowRes: [Float32Array], ms, session}: the
+    // 3 multimask outputs, or the single-mask one, and the graph that decoded them.
+    async decode({ points, box, maskInput = null, multimask }) {
+      return this.exclusive(() => this.run(points, box, maskInput, multimask));
+    }
+
     async run(points, box, maskInput, multimask) {
-      const { height: h, width: w, embedding } = this.image;
+      const { height: h, width: w, embedding, products } = this.image;
       const [newH, newW] = resizedShape(h, w, this.imageSize);
       const sx = newW / w, sy = newH / h;
       const coords = [], labels = [];
@@ -277,25 +298,32 @@ const SamkitDecoder = (() => {
       }
       const n = labels.length;
       const [mh, mw] = this.lowRes;
-      const feeds = {
-        image_embeddings: embedding,
+      const picks = multimask ? MULTIMASK : SINGLE;
+      const prompt = {
         point_coords: new ort.Tensor("float32", Float32Array.from(coords), [1, n, 2]),
         point_labels: new ort.Tensor("float32", Float32Array.from(labels), [1, n]),
-        mask_input: maskInput ? new ort.Tensor("float32", maskInput, [1, 1, mh, mw])
-          : this.noMask,
-        has_mask_input: new ort.Tensor("float32", Float32Array.of(maskInput ? 1 : 0), [1]),
         orig_im_size: new ort.Tensor("float32", Float32Array.of(h, w), [2]),
+        mask_index: new ort.Tensor("int64", BigInt64Array.from(picks.map(BigInt)),
+          [picks.length]),
       };
+      // Without a mask prompt the image side is the same for every prompt: the pair's
+      // per-prompt graph reads it from the products setImage computed.
+      const [session, feeds] = maskInput
+        ? ["decoder_select", { ...prompt, image_embeddings: embedding,
+          mask_input: new ort.Tensor("float32", maskInput, [1, 1, mh, mw]),
+          has_mask_input: this.hasMask }]
+        : ["decoder_prompts", { ...prompt, ...products }];
       const start = performance.now();
-      const out = await this.session.run(feeds);
+      const out = await this.sessions[session].run(feeds);
       const ms = performance.now() - start;
+      // masks holds the picked masks only (1 x picks.length x h x w); the scores and low-res
+      // logits all 4.
       const logits = out.masks.data, iou = out.iou_predictions.data;
       const low = out.low_res_masks.data;
-      // Output 0 is the single-mask token, 1..3 the multimask ones (samkit.onnx.export).
-      const picks = multimask ? [1, 2, 3] : [0];
-      const masks = picks.map((i) => ({ ...threshold(logits, i, h, w, this.limit), score: iou[i] }));
+      const masks = picks.map((i, k) => ({ ...threshold(logits, k, h, w, this.limit),
+        score: iou[i] }));
       const lowRes = picks.map((i) => low.slice(i * mh * mw, (i + 1) * mh * mw));
-      return { masks, lowRes, ms };
+      return { masks, lowRes, ms, session };
     }
   }
 
