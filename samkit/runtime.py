@@ -16,6 +16,8 @@ import ctypes.util
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 # mallopt parameters (glibc malloc.h)
@@ -91,6 +93,24 @@ def default_threads(since: CpuSample | None = None) -> int:
         except (AttributeError, OSError):  # no load average on this platform
             others = 0.0
     return max(1, cores - round(others))
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` intra-op threads for torch (None: unchanged), then
+    restore the previous count. The count is the calling thread's (OpenMP), so callers that
+    share one model across threads still hold their model lock around it."""
+    import torch
+
+    if count is None or count == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def set_threads(threads: int) -> None:

@@ -79,6 +79,38 @@ def test_predict_batch_many_point_sets(predictor: SamPredictor, image: np.ndarra
     assert np.allclose(scores[0].numpy(), single_scores, atol=1e-5)
 
 
+def test_a_single_prompt_decodes_on_one_thread(predictor: SamPredictor, image: np.ndarray,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """One prompt set decodes with ``single_prompt_threads`` (its small ops lose to a second
+    thread's hand-offs), a batch with torch's count; the count is restored after, and the
+    masks do not depend on it."""
+    predictor.set_image(image)
+    seen: list[int] = []
+    decoder = predictor.model.mask_decoder
+    original = type(decoder).forward
+
+    def recording(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(self, *args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(type(decoder), "forward", recording)
+        one = predictor.predict(np.array([[50, 40]]), np.array([1]))
+        assert seen == [1] and torch.get_num_threads() == 2
+        predictor.predict_batch(np.array([[[50, 40]], [[100, 60]]]), np.array([[1], [1]]))
+        assert seen[1:] == [2]
+        predictor.single_prompt_threads = None
+        all_threads = predictor.predict(np.array([[50, 40]]), np.array([1]))
+        assert seen[2:] == [2]
+    finally:
+        predictor.single_prompt_threads = SamPredictor.single_prompt_threads
+        torch.set_num_threads(before)
+    assert (one[0] != all_threads[0]).mean() < 1e-4  # float sums may round differently
+    np.testing.assert_allclose(one[1], all_threads[1], atol=1e-5)
+
+
 def test_mask_input_round_trip(predictor: SamPredictor, image: np.ndarray) -> None:
     predictor.set_image(image)
     _, scores, low_res = predictor.predict(np.array([[50, 50]]), np.array([1]))

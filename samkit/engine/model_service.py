@@ -31,6 +31,7 @@ from samkit.engine.project import Project
 from samkit.errors import SamkitError
 from samkit.images import load_image
 from samkit.io import atomic_output
+from samkit.runtime import torch_threads
 from samkit.modeling.sam import Sam
 from samkit.predictor import EmbeddedImage, SamPredictor, TextEncoder
 from samkit.prompts import Prompts
@@ -223,7 +224,7 @@ class ModelService:
         needed."""
         has_points = len(prompts.points) > 0
         with self.using_model(f"decoding image {image.id}", patience), \
-                _torch_threads(self.decode_threads):
+                torch_threads(self.decode_threads):
             if prompts.text is not None and not (status := self.text_status())["ready"]:
                 raise SamkitError(f"text prompt refused: {status['reason']}")
             self._select(image)
@@ -270,21 +271,6 @@ class ModelService:
         with self.using_model(f"loading model version {version.id}", patience):
             self._load(version)
             self.project.db.set_settings({"model_version": version.id})
-
-
-@contextmanager
-def _torch_threads(count: int | None) -> Iterator[None]:
-    """Run with ``count`` intra-op threads (None: unchanged); only ever entered while holding
-    the model lock, so no other model work sees the change."""
-    if count is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _read_embedding(path: Path, device: torch.device) -> EmbeddedImage | None:
