@@ -95,8 +95,19 @@ class DecoderGraph(nn.Module):
         with torch.no_grad():
             self.register_buffer("dense_pe", sam.prompt_encoder.get_dense_pe(), persistent=False)
         low_res = sam.prompt_encoder.mask_input_size[0]
-        # Upscaling low-res logits to the padded square: fixed for the model, so a constant.
-        self.register_buffer("upscale", resize_matrix(self.image_size, low_res), persistent=False)
+        # Upscaling low-res logits to the padded square: fixed for the model, so a constant
+        # (flattened: the graph gathers single entries of it).
+        upscale = resize_matrix(self.image_size, low_res)
+        self.register_buffer("upscale", upscale.reshape(-1), persistent=False)
+        # Band of the runtime operators: an output row mixes upscale rows lo and lo + 1, whose
+        # nonzeros lie in `band` consecutive inputs from the first nonzero of row lo.
+        used = upscale != 0
+        first = used.to(torch.int64).argmax(1)
+        last = low_res - 1 - used.flip(1).to(torch.int64).argmax(1)
+        span = torch.cat([last[1:], last[-1:]]) - first + 1  # row lo to row lo + 1 (or itself)
+        self.band = int(span.max())
+        self.register_buffer("band_start", first.clamp(max=low_res - self.band), persistent=False)
+        self.low_res = low_res
 
     def forward(
         self,
@@ -141,27 +152,43 @@ class DecoderGraph(nn.Module):
 
     def postprocess(self, low_res: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
         """``1 x M x 4g x 4g`` logits -> ``1 x M x H x W``: the separable operators of
-        :func:`samkit.modeling.resample.postprocess_operators`, built from runtime sizes."""
+        :func:`samkit.modeling.resample.postprocess_operators`, built from runtime sizes and
+        applied as bands (each output row / column is a weighted sum of ``band`` gathered
+        input rows / columns; the operators' other weights are zero)."""
         original = orig_im_size.to(torch.float64)
         # float64 like Python, so the rounding equals preprocess_shape's int(x * scale + 0.5).
         scale = self.image_size / original.max()
         resized = torch.floor(original * scale + 0.5).to(torch.int64)
         original = original.to(torch.int64)
-        rows = self.upscale_rows(original[0], resized[0])
-        cols = self.upscale_rows(original[1], resized[1])
-        return rows @ low_res @ cols.transpose(0, 1)
+        row_index, row_weight = self.upscale_band(original[0], resized[0])
+        col_index, col_weight = self.upscale_band(original[1], resized[1])
+        # Columns first, on the small 4g x W side, as a pass over rows of the transpose:
+        # every Gather copies whole rows (gathers along the last axis are slow in wasm).
+        picked = low_res.transpose(2, 3).index_select(2, col_index.reshape(-1))
+        wide = (picked.unflatten(2, (-1, self.band)) * col_weight[..., None]).sum(3)
+        wide = wide.transpose(2, 3)  # 1 x M x 4g x W
+        out = wide.index_select(2, row_index[:, 0]) * row_weight[:, :1]
+        for k in range(1, self.band):
+            out = out + wide.index_select(2, row_index[:, k]) * row_weight[:, k : k + 1]
+        return out
 
-    def upscale_rows(self, out_size: torch.Tensor, in_size: torch.Tensor) -> torch.Tensor:
-        """``out x 4g`` operator: upscale to the square, keep the first ``in_size`` rows (the
-        unpadded image), resize those to ``out_size``. Bilinear weights as in ``resize_matrix``
-        (float32 positions, clamped source index); each output row mixes two upscale rows."""
+    def upscale_band(
+        self, out_size: torch.Tensor, in_size: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``out x 4g`` operator that upscales to the square, keeps the first ``in_size``
+        rows (the unpadded image) and resizes those to ``out_size``, as its band: ``out x
+        band`` input indices and float32 weights (zero where the band is wider than a row's
+        nonzeros). Bilinear weights as in ``resize_matrix`` (float32 positions, clamped source
+        index); each output row mixes two upscale rows, in float64 like the torch side."""
         scale = (in_size.to(torch.float64) / out_size.to(torch.float64)).to(torch.float32)
         src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
         lo = torch.minimum(src.to(torch.int64), in_size - 1)
         hi = torch.minimum(lo + 1, in_size - 1)
         frac = (src - lo.to(torch.float32)).clamp(0, 1).to(torch.float64)[:, None]
-        rows = (1 - frac) * self.upscale[lo] + frac * self.upscale[hi]
-        return rows.to(torch.float32)
+        index = self.band_start[lo][:, None] + torch.arange(self.band)
+        weight = ((1 - frac) * self.upscale[lo[:, None] * self.low_res + index]
+                  + frac * self.upscale[hi[:, None] * self.low_res + index])
+        return index, weight.to(torch.float32)
 
 
 class DecoderSelectGraph(DecoderGraph):
