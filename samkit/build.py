@@ -14,6 +14,7 @@ import re
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -187,20 +188,29 @@ def recorded_encoder(path: str | Path, cfg: SamConfig) -> ViTConfig | TinyViTCon
             raise ValueError("not a JSON object")
         if fields.pop("type", None) != type(cfg.encoder).__name__:
             return cfg.encoder
-        known = {f.name: getattr(cfg.encoder, f.name) for f in dataclasses.fields(cfg.encoder)}
-        values = {}
-        for key, value in fields.items():
-            if key not in known:
-                raise ValueError(f"unknown field {key!r}")
-            value = tuple(value) if isinstance(value, list) else value
-            default = known[key]
-            if type(value) is not type(default) or (isinstance(value, tuple) and not (
-                    {type(v) for v in value} <= {type(d) for d in default})):  # bool is not int
-                raise ValueError(f"{key}={value!r} is not of the type of {default!r}")
-            values[key] = value
-        return dataclasses.replace(cfg.encoder, **values)
+        return with_encoder_fields(cfg.encoder, fields)
     except ValueError as err:  # json's decode errors are ValueErrors too
         raise SamkitError(f"checkpoint {path} has a malformed encoder record: {err}") from None
+
+
+EncoderConfig = ViTConfig | TinyViTConfig | HedConfig
+
+
+def with_encoder_fields(encoder: EncoderConfig, fields: dict[str, Any]) -> EncoderConfig:
+    """``encoder`` with ``fields`` replaced, each checked to be a field of it and of its
+    type (lists become tuples; bool is not int); a ValueError names the first that is not."""
+    known = {f.name: getattr(encoder, f.name) for f in dataclasses.fields(encoder)}
+    values = {}
+    for key, value in fields.items():
+        if key not in known:
+            raise ValueError(f"unknown field {key!r}")
+        value = tuple(value) if isinstance(value, list) else value
+        default = known[key]
+        if type(value) is not type(default) or (isinstance(value, tuple) and not (
+                {type(v) for v in value} <= {type(d) for d in default})):  # bool is not int
+            raise ValueError(f"{key}={value!r} is not of the type of {default!r}")
+        values[key] = value
+    return dataclasses.replace(encoder, **values)
 
 
 def _check_image_size(path: str | Path, cfg: SamConfig, name: str) -> None:

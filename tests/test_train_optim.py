@@ -129,6 +129,11 @@ def test_config_yaml_and_set_overrides(tmp_path: Path) -> None:
         TrainConfig(finetune="lora")
     with pytest.raises(SamkitError, match="model_overrides"):
         load_config(path, ["model_overrides.encoder.width=3"]).model_config()
+    for bad in ("depth=two", "depth=true", "window_size=1.5"):  # the field's own type
+        with pytest.raises(SamkitError, match="bad model_overrides: .* is not of the type"):
+            load_config(path, [f"model_overrides.encoder.{bad}"]).model_config()
+    tiny = TrainConfig(model="vit_t", model_overrides={"encoder": {"mlp_ratio": 3}})
+    assert tiny.model_config().encoder.mlp_ratio == 3.0  # YAML's 3 for a float field
 
 
 @pytest.mark.parametrize("name", ["samkit-tiny", "vit_b", "vit_l", "vit_h"])

@@ -181,13 +181,20 @@ class TrainConfig:
         if not isinstance(encoder_overrides, dict):
             raise SamkitError("model_overrides.encoder must be a mapping of encoder fields, "
                               f"got {encoder_overrides!r}")
+        from samkit.build import with_encoder_fields  # here: build imports torch, this module not
+
+        # YAML writes 4.0 as 4: an int where the field is a float is that float.
+        floats = {f.name for f in dataclasses.fields(base.encoder)
+                  if isinstance(getattr(base.encoder, f.name), float)}
+        encoder_overrides = {k: float(v) if k in floats and type(v) is int else v
+                             for k, v in encoder_overrides.items()}
         try:
-            encoder = dataclasses.replace(base.encoder, **_tuples(encoder_overrides))
+            encoder = with_encoder_fields(base.encoder, encoder_overrides)
             # Trained weights are this run's output, never the bundled file.
             return dataclasses.replace(
                 base, encoder=encoder, bundled_weights=None, **_tuples(overrides)
             )
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise SamkitError(f"bad model_overrides: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
