@@ -53,8 +53,9 @@ class SamPredictor:
 
     # Intra-op threads for decoding a single prompt set on the CPU: its decode is hundreds
     # of small ops (a handful of tokens), where a second thread's hand-offs cost more than
-    # it saves (2-core AMD EPYC, idle: 11.4 ms a click on 1 thread vs 15.6 ms on 2; from 4
-    # prompts in a batch on, 2 threads win). None: torch's current count.
+    # it saves (2-core AMD EPYC, idle, samkit-tiny: 11.9 vs 19.6 ms a click in
+    # benchmarks/default_model.py; predict_batch of 4 point prompts took 32.4 ms on 1 thread
+    # vs 28.3 ms on 2, so batches keep torch's count). None: torch's current count.
     single_prompt_threads: int | None = 1
 
     def __init__(self, sam_model: Sam, encode_batch_size: int = 4, decode_chunk_size: int = 4,

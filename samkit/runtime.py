@@ -98,8 +98,9 @@ def default_threads(since: CpuSample | None = None) -> int:
 @contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
     """Run the block with ``count`` intra-op threads for torch (None: unchanged), then
-    restore the previous count. The count is the calling thread's (OpenMP), so callers that
-    share one model across threads still hold their model lock around it."""
+    restore the previous count. Torch's count is not scoped to the block: torch work that
+    other Python threads run meanwhile may use it too (their speed changes, and at most their
+    float rounding), so servers that share a model hold their model lock around it."""
     import torch
 
     if count is None or count == torch.get_num_threads():

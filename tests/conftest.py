@@ -1,12 +1,16 @@
-"""Fixtures shared by several test modules: one torch thread, a tiny random CLIP."""
+"""Fixtures shared by several test modules: one torch thread, a tiny random CLIP, and no
+background decoder export outliving its test."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+
+from samkit.engine.web_decoder import EXPORT_THREAD_PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +62,15 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers.CLIPModel(config).eval().save_pretrained(folder)
     transformers.CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def no_decoder_export_outlives_its_test() -> Iterator[None]:
+    """Wait for the annotation app's background decoder exports (samkit.engine.web_decoder)
+    a test started: torch.export's tracing state is process-global, and a later test's
+    torch.manual_seed racing an export still running raised KeyError inside torch.fx."""
+    yield
+    for thread in threading.enumerate():
+        if thread.name.startswith(EXPORT_THREAD_PREFIX):
+            thread.join(timeout=300)
+

@@ -31,10 +31,10 @@ from samkit.engine.project import Project
 from samkit.errors import SamkitError
 from samkit.images import load_image
 from samkit.io import atomic_output
-from samkit.runtime import torch_threads
 from samkit.modeling.sam import Sam
 from samkit.predictor import EmbeddedImage, SamPredictor, TextEncoder
 from samkit.prompts import Prompts
+from samkit.runtime import torch_threads
 
 # How long a request waits for the model before it is told the server is busy.
 CLICK_PATIENCE_S = 15.0  # a click or an image switch: worth waiting for an embedding

@@ -56,6 +56,7 @@ GRAPHS = {
              for role, name in _FP32.items()},
 }
 FILES = sorted({name for files in GRAPHS.values() for name in files.values()})
+EXPORT_THREAD_PREFIX = "decoder-export-v"  # + the model version id: the export threads' names
 CACHE_ID_SETTING = "web_cache_id"  # names this project in the browser's IndexedDB
 # One export at a time in the process: torch's exporter is not safe to run in two threads
 # at once (two servers in one process, e.g. tests, or a quick model switch).
@@ -108,7 +109,7 @@ class WebDecoder:
             if version.id not in self._exporting:
                 self._exporting.add(version.id)
                 threading.Thread(target=self._export, args=(version.id,), daemon=True,
-                                 name=f"decoder-export-v{version.id}").start()
+                                 name=f"{EXPORT_THREAD_PREFIX}{version.id}").start()
         return {**base, "available": False, "state": "exporting",
                 "reason": f"exporting model version {version.id}'s decoder for the page "
                           "(once; about half a minute)"}

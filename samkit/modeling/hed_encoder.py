@@ -17,7 +17,9 @@ Why this shape (docs/samkit-tiny.md has the measurements):
   training image (:meth:`stem`), so a training step pays only for :meth:`head` and the
   decoder. With ``train_block4`` the stem ends at block 3 and block 4 (still HED's weights
   at the start) is trained as part of the head: the features adapt where they meet the
-  neck, for about 6 GFLOP an image more per step.
+  neck, at the cost of block 4's forward and backward in every step (docs/samkit-tiny.md
+  has the step times). With ``stem_int8`` a trained block 4 is rounded to int8 only when
+  saved, like the context block.
 * SAM's decoder has no pixel-to-pixel attention: which cells belong together must already be
   in the embedding, and a 3 x 3 conv over block 4 sees a few cells. Two optional ways to
   give the neck that reach: VGG16's block 5 as a trainable *context* branch (pretrained;

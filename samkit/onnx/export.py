@@ -194,9 +194,9 @@ class DecoderGraph(nn.Module):
 class DecoderSelectGraph(DecoderGraph):
     """:class:`DecoderGraph` plus the prompts graph's ``mask_index`` input: only the masks it
     names are upscaled to the original size. The annotation page's graph for mask-prompt
-    refinement, which shows one of the four masks: in onnxruntime-web the full-size upscaling
-    is the largest single cost of a decode (docs/engine.md), and ``decoder.onnx`` keeps the
-    official interface, which upscales all four."""
+    refinement, which shows one of the four masks: the full-size upscaling of the other
+    three is work nobody sees (docs/engine.md profiles a page decode), while ``decoder.onnx``
+    keeps the official interface, which upscales all four."""
 
     def forward(  # type: ignore[override]
         self, image_embeddings: torch.Tensor, point_coords: torch.Tensor,
