@@ -7,7 +7,8 @@ import math
 
 import torch
 
-from samkit.train.losses import dice_loss, focal_loss, mask_iou, prediction_loss
+from samkit.train.losses import (LossWeights, balanced_bce_loss, dice_loss, focal_loss, mask_iou,
+                                 prediction_loss)
 
 LN2 = math.log(2)
 
@@ -94,3 +95,38 @@ def test_padding_does_not_change_the_loss() -> None:
     noisy[..., :, 7:] = -100.0
     b = prediction_loss(noisy, iou_pred, gt, valid)
     assert torch.allclose(a.total, b.total) and torch.equal(a.iou, b.iou)
+
+
+def test_balanced_bce_hand_computed() -> None:
+    # Logit 0 everywhere: ln 2 on each half, whatever the object's size.
+    for fg in (1, 3):
+        target = px([1.0] * fg + [0.0] * (8 - fg))
+        loss = balanced_bce_loss(px([0.0] * 8), target, px([1.0] * 8))
+        assert torch.allclose(loss, torch.tensor(LN2))
+    # Foreground logit ln 3 (ce ln 4/3), background -ln 3 (ce ln 4/3), a padded pixel ignored.
+    loss = balanced_bce_loss(px([math.log(3), -math.log(3), 50.0]), px([1.0, 0.0, 0.0]),
+                             px([1.0, 1.0, 0.0]))
+    assert torch.allclose(loss, torch.tensor(math.log(4 / 3)))
+    # No foreground: the background half alone.
+    assert torch.allclose(balanced_bce_loss(px([0.0, 0.0]), px([0.0, 0.0]), px([1.0, 1.0])),
+                          torch.tensor(LN2 / 2))
+
+
+def test_balanced_bce_pulls_a_small_object_as_hard_as_a_large_one() -> None:
+    """An output confidently empty on the object: the foreground gradient from focal + dice
+    shrinks with the object's area, the balanced term's total pull does not."""
+    def pull(area: int, weights: LossWeights) -> float:
+        gt = torch.zeros(1, 1, 64, dtype=torch.bool)
+        gt[..., :area] = True
+        logits = torch.full((1, 1, 1, 64), -6.0, requires_grad=True)
+        prediction_loss(logits, torch.zeros(1, 1), gt, torch.ones_like(gt),
+                        weights).total.sum().backward()
+        return -logits.grad[..., :area].sum().item()  # > 0: pushes the object's logits up
+
+    paper, balanced = LossWeights(), LossWeights(balanced_bce=1.0)
+    assert pull(2, paper) < 0.1 * pull(32, paper)
+    extra_small = pull(2, balanced) - pull(2, paper)
+    extra_large = pull(32, balanced) - pull(32, paper)
+    assert math.isclose(extra_small, extra_large, rel_tol=0.01) and extra_small > 0.4
+    # Off by default: the paper's loss unchanged.
+    assert LossWeights().balanced_bce == 0.0

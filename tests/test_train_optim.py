@@ -173,3 +173,5 @@ def test_config_rejects_bad_schedules_and_inits() -> None:
         TrainConfig(prompt_iterations=[[0, 0]])
     with pytest.raises(SamkitError, match="decoder_init"):
         TrainConfig(decoder_init="xavier")
+    with pytest.raises(SamkitError, match="balanced_bce_weight must be >= 0"):
+        TrainConfig(balanced_bce_weight=-0.5)

@@ -8,6 +8,7 @@ import torch
 
 from samkit.train.prompts import (
     BOX_NOISE_CAP_PX,
+    FIRST_PROMPT_KINDS,
     PAPER_INPUT_SIZE,
     MaskRandom,
     iteration_schedule,
@@ -179,6 +180,12 @@ def test_first_prompt_is_a_point_in_the_mask_or_a_box_with_equal_probability() -
         assert gt[call["rows"], y, x].all()
     for call in (c for c in first if c["boxes"] is not None):  # the box alone
         assert call["points"].shape[1] == 0
+    # Each prediction records its rows' first-prompt kind (what the log splits mIoU by).
+    _, _, preds = simulate(m)
+    recorded = torch.zeros(m, dtype=torch.bool)
+    recorded[box_rows] = True
+    assert torch.equal(preds[0].first_prompt == FIRST_PROMPT_KINDS.index("box"), recorded)
+    assert set(preds[0].first_prompt.tolist()) == {0, 1}
 
 
 def test_prompts_of_an_image_do_not_depend_on_its_batch_mates() -> None:
@@ -230,3 +237,22 @@ def test_box_first_prompts_can_train_the_single_output() -> None:
     calls.clear()
     decode_mixed(decode, *args, multimask=True, box_multimask=True)
     assert sorted(calls) == [(False, True), (True, True)]
+
+
+def test_batch_metrics_split_the_first_prompt_miou_by_kind() -> None:
+    from samkit.train.losses import LossTerms
+    from samkit.train.step import batch_metrics
+
+    # 3 masks on 2 images: a point (chosen output IoU 0.2), a box (0.8), a point (0.5).
+    iou = torch.tensor([[0.9, 0.2, 0.0], [0.8, 0.8, 0.8], [0.5, 0.1, 0.1]])
+    iou_pred = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.5, 0.5], [0.9, 0.0, 0.0]])
+    zeros = torch.zeros(3)
+    terms = [LossTerms(zeros, zeros, zeros, zeros, iou)]
+    first = simulate(3)[2][0]
+    first.iou_pred, first.first_prompt = iou_pred, torch.tensor([0, 1, 0])
+    metrics = batch_metrics(terms, first, torch.tensor([0, 0, 1]), 2)
+    assert torch.isclose(metrics["miou_first_point"], torch.tensor(0.35))
+    assert torch.isclose(metrics["miou_first_box"], torch.tensor(0.8))
+    assert torch.isclose(metrics["miou_first"], torch.tensor((0.5 + 0.5) / 2))  # per image
+    first.first_prompt = torch.tensor([0, 0, 0])
+    assert batch_metrics(terms, first, torch.tensor([0, 0, 1]), 2)["miou_first_box"].isnan()

@@ -114,6 +114,9 @@ class TrainConfig:
     focal_weight: float = 20.0  # mask loss = focal_weight x focal + dice_weight x dice
     dice_weight: float = 1.0
     iou_weight: float = 1.0  # weight of the IoU head's MSE
+    # Weight of a class-balanced BCE added to the mask loss (0: the paper's loss). It gives
+    # small objects the pull focal and dice lose once an output is empty there (losses.py).
+    balanced_bce_weight: float = 0.0
     amp: bool = True  # bf16 autocast, on CUDA only
 
     # --- run
@@ -148,6 +151,8 @@ class TrainConfig:
                      "ckpt_interval", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise SamkitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.balanced_bce_weight < 0:
+            raise SamkitError(f"balanced_bce_weight must be >= 0, got {self.balanced_bce_weight}")
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise SamkitError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")

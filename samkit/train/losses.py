@@ -9,6 +9,13 @@
 * The IoU head is trained with MSE between each predicted IoU and the true IoU of the
   corresponding thresholded mask with the ground truth, for *all* outputs (the paper
   supervises the IoU prediction of every mask; that is what ranks the 3 at inference).
+* Optional (``LossWeights.balanced_bce``, off by default: not in the paper): a class-balanced
+  BCE, the mean cross-entropy over a mask's foreground pixels plus the mean over its
+  background, halved (HED's balancing, Xie & Tu 2015). Focal and soft dice give a small
+  object almost no pull once an output is confidently empty there: focal's mean is over all
+  pixels, so its foreground share scales with the object's area, and dice's gradient goes
+  through the sigmoid's vanishing slope. The balanced term's foreground half weighs the same
+  for every object size.
 
 Resolution: the low-res logits (4 x the embedding grid, e.g. 256^2 for 1024 px) are
 upsampled to the padded ``S x S`` input frame and compared with the full-resolution ground
@@ -34,6 +41,7 @@ class LossWeights:
     focal: float = 20.0
     dice: float = 1.0
     iou: float = 1.0
+    balanced_bce: float = 0.0
 
 
 @dataclass
@@ -76,6 +84,18 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -
     return 1 - numerator / denominator
 
 
+def balanced_bce_loss(logits: torch.Tensor, target: torch.Tensor,
+                      valid: torch.Tensor) -> torch.Tensor:
+    """``(mean BCE over the foreground + mean BCE over the valid background) / 2``; a mask
+    without foreground pixels gets its background half only. ``M x k x H x W`` logits,
+    ``M x 1 x H x W`` target and valid (0/1 float) -> ``M x k``."""
+    ce = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none")
+    foreground, background = target * valid, (1 - target) * valid
+    fg = (ce * foreground).flatten(2).sum(-1) / foreground.flatten(2).sum(-1).clamp(min=1)
+    bg = (ce * background).flatten(2).sum(-1) / background.flatten(2).sum(-1).clamp(min=1)
+    return (fg + bg) / 2
+
+
 def mask_iou(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """IoU of bool masks ``M x k x H x W`` vs ``M x 1 x H x W`` -> ``M x k`` (1 if both empty)."""
     inter = (pred & gt).flatten(2).sum(-1).float()
@@ -104,6 +124,9 @@ def prediction_loss(
     focal = focal_loss(logits, target, inside.float())
     dice = dice_loss(logits, target, inside.float())
     combined = weights.focal * focal + weights.dice * dice  # M x k
+    if weights.balanced_bce:
+        combined = combined + weights.balanced_bce * balanced_bce_loss(logits, target,
+                                                                       inside.float())
     best = combined.detach().argmin(dim=1, keepdim=True)  # the min over the ambiguity outputs
     with torch.no_grad():
         iou = mask_iou((logits > 0) & inside, gt[:, None])

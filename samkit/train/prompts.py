@@ -56,6 +56,8 @@ PAPER_INPUT_SIZE = 1024  # ... which is 1024 px
 # text token (the decoder looks the rows' tokens up itself).
 Decoder = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
+FIRST_PROMPT_KINDS = ("point", "box", "text")
+
 
 @dataclass
 class Prediction:
@@ -67,6 +69,7 @@ class Prediction:
     kind: str  # "prompt" (iteration 0), "point" (added a point) or "mask" (mask prompt only)
     points: torch.Tensor  # M x P x 2 (x, y) error points added so far (for inspection/tests)
     labels: torch.Tensor  # M x P
+    first_prompt: torch.Tensor  # M long: the session's first prompt, FIRST_PROMPT_KINDS index
 
 
 class MaskRandom:
@@ -117,6 +120,9 @@ def simulate_prompts(
     use_text = None
     if text_available is not None:
         use_text = text_available & (random.rand() < text_share)
+    first_prompt = use_box.long()
+    if use_text is not None:
+        first_prompt = torch.where(use_text, FIRST_PROMPT_KINDS.index("text"), first_prompt)
 
     # Error points added later (the same layout for both prompt kinds): M x P x 2 and M x P.
     points = torch.zeros(m, 0, 2, device=gt.device)
@@ -135,7 +141,8 @@ def simulate_prompts(
             decode, use_box, first_point, boxes, points, labels, mask_prompt, multimask,
             box_multimask, use_text,
         )
-        predictions.append(Prediction(low_res, iou_pred, multimask, kind, points, labels))
+        predictions.append(Prediction(low_res, iou_pred, multimask, kind, points, labels,
+                                      first_prompt))
 
         # Feed the best mask (by predicted IoU) back, unthresholded and detached; its
         # thresholded upsampling is where the next error point comes from.

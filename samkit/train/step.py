@@ -20,14 +20,14 @@ from torch.utils.checkpoint import checkpoint
 from samkit.modeling.sam import Sam
 from samkit.train.data import Batch
 from samkit.train.losses import LossTerms, LossWeights, prediction_loss
-from samkit.train.prompts import (PAPER_ITERATIONS, MaskRandom, simulate_prompts,
-                                  to_input_frame)
+from samkit.train.prompts import (FIRST_PROMPT_KINDS, PAPER_ITERATIONS, MaskRandom, Prediction,
+                                  simulate_prompts, to_input_frame)
 
 
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar with grad: mean over images of the mean over iterations
-    metrics: dict[str, torch.Tensor]  # detached scalars: focal, dice, iou_mse, miou, miou_first
+    metrics: dict[str, torch.Tensor]  # detached scalars: the names in METRICS
 
 
 class StepTimer:
@@ -181,12 +181,12 @@ class TrainStep(nn.Module):
             # Each image weighs the same whatever its mask count; the divisor is the fixed
             # batch size, so DDP's gradient mean over processes is exactly the global mean.
             loss = loss + per_image_mean(per_mask, image_of_mask, num_images).sum() / num_images
-            metrics = batch_metrics(terms, predictions[0].iou_pred, image_of_mask, num_images)
+            metrics = batch_metrics(terms, predictions[0], image_of_mask, num_images)
         self.timer.mark("decoded")
         return StepOutput(loss, metrics)
 
 
-METRICS = ("focal", "dice", "iou_mse", "miou", "miou_first")
+METRICS = ("focal", "dice", "iou_mse", "miou", "miou_first", "miou_first_point", "miou_first_box")
 
 
 def input_frame_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor,
@@ -226,19 +226,26 @@ def per_image_mean(values: torch.Tensor, image_of_mask: torch.Tensor,
     return sums / counts.clamp(min=1)
 
 
-def batch_metrics(terms: list[LossTerms], first_iou_pred: torch.Tensor,
-                  image_of_mask: torch.Tensor, num_images: int) -> dict[str, torch.Tensor]:
+def batch_metrics(terms: list[LossTerms], first: Prediction, image_of_mask: torch.Tensor,
+                  num_images: int) -> dict[str, torch.Tensor]:
     """Log values, averaged per image then over the images with masks: loss terms averaged
     over the iterations; mIoU of the last iteration, and of the first iteration's mask with
-    the highest predicted IoU (what a single click or box gives a user)."""
-    rows = torch.arange(len(first_iou_pred), device=first_iou_pred.device)
+    the highest predicted IoU (what a single click or box gives a user). That first-prompt
+    mIoU is also logged apart for the masks prompted by a point and by a box (a plain mean
+    over those masks, NaN when the batch has none): the two kinds fit at different rates."""
+    rows = torch.arange(len(first.iou_pred), device=first.iou_pred.device)
+    first_iou = terms[0].iou[rows, first.iou_pred.argmax(dim=1)].detach()
     per_mask = {
         "focal": torch.stack([t.focal for t in terms]).mean(dim=0),
         "dice": torch.stack([t.dice for t in terms]).mean(dim=0),
         "iou_mse": torch.stack([t.iou_mse for t in terms]).mean(dim=0),
         "miou": terms[-1].iou[:, 0],
-        "miou_first": terms[0].iou[rows, first_iou_pred.argmax(dim=1)],
+        "miou_first": first_iou,
     }
     has_masks = torch.bincount(image_of_mask, minlength=num_images) > 0
-    return {k: per_image_mean(v.detach(), image_of_mask, num_images)[has_masks].mean()
-            for k, v in per_mask.items()}
+    metrics = {k: per_image_mean(v.detach(), image_of_mask, num_images)[has_masks].mean()
+               for k, v in per_mask.items()}
+    for kind in ("point", "box"):
+        metrics[f"miou_first_{kind}"] = first_iou[
+            first.first_prompt == FIRST_PROMPT_KINDS.index(kind)].mean()  # NaN if none
+    return metrics
