@@ -317,12 +317,18 @@ def test_browser_decoder_matches_the_server(name: str, tmp_path: Path) -> None:
             page.inner_text("#decoder")
         assert page.evaluate("crossOriginIsolated")  # COOP/COEP: wasm threads allowed
         assert "Decoding in this page" in page.inner_text("#decoder")
-        # The fp32 graphs, each downloaded once and kept in IndexedDB by sha256.
+        # The fp32 graphs, each downloaded once and kept in IndexedDB by sha256: the pair
+        # now, decoder_select at the first refinement.
         with urllib.request.urlopen(f"{url}/api/decoder", timeout=60) as response:
-            graphs = json.loads(response.read())["graphs"]["fp32"].values()
-        assert page.evaluate("state.decoder.bytes.graph") == sum(g["bytes"] for g in graphs)
-        assert {k for k in page.evaluate(IDB_KEYS) if k.startswith("graph:")} == {
-            f"graph:{g['sha256']}" for g in graphs}
+            graphs = json.loads(response.read())["graphs"]["fp32"]
+
+        def loaded(roles: list[str]) -> None:
+            assert page.evaluate("state.decoder.bytes.graph") == sum(
+                graphs[r]["bytes"] for r in roles)
+            assert {k for k in page.evaluate(IDB_KEYS) if k.startswith("graph:")} == {
+                f"graph:{graphs[r]['sha256']}" for r in roles}
+
+        loaded(["decoder_image", "decoder_prompts"])
         box = page.locator("#canvas").bounding_box()
 
         def at(fx: float, fy: float) -> tuple[float, float]:
@@ -345,6 +351,7 @@ def test_browser_decoder_matches_the_server(name: str, tmp_path: Path) -> None:
         two = wait_decode(page, before)
         assert len(two["masks"]) == 1 and two["points"][1][2] == 0
         assert two["session"] == "decoder_select"
+        loaded(["decoder_image", "decoder_prompts", "decoder_select"])
         reference = refined_reference(service, project, one, two)
         assert mask_iou(rle_mask(two["masks"][0]), reference) >= MATCH_IOU
 
@@ -435,12 +442,16 @@ def test_a_new_model_version_replaces_the_pages_cache(tmp_path: Path) -> None:
         page.goto(url)
         page.wait_for_selector("#canvas[data-local='1']", timeout=EXPORT_MS)
         assert any(f":v{first.id}:1" in key for key in page.evaluate(IDB_KEYS))
+        page.evaluate("window.firstDecoder = state.decoder")
         page.select_option("#model-version", str(second.id))
         page.wait_for_function(
             f"state.decoder && state.decoder.version === {second.id} && "
             "document.getElementById('canvas').dataset.local === '1' && "
             "state.decoder.image !== null", timeout=EXPORT_MS)
         assert f"model v{second.id}" in page.inner_text("#decoder")
+        # The old version's sessions are released (their wasm memory freed).
+        assert page.evaluate("firstDecoder.released && "
+                             "Object.keys(firstDecoder.sessions).length === 0")
         keys = [k for k in page.evaluate(IDB_KEYS) if k.startswith("emb:")]
         assert keys and all(f":v{second.id}:" in key for key in keys)
         box = page.locator("#canvas").bounding_box()

@@ -361,6 +361,7 @@ async function decode(since) {
     render();
     recordTiming(since, entry);
   } catch (err) {
+    if (local && local.released) return; // a model switch replaced it mid-decode
     report(err, "Segmenting");
   }
 }
@@ -939,6 +940,7 @@ function showDecoder(text, where) {
 // then) on the server. URL options: ?decoder=server, ?graph=int8, ?threads=N.
 async function initDecoder() {
   const seq = ++state.decoderSeq;
+  if (state.decoder) state.decoder.release(); // its graphs' wasm memory
   state.decoder = null;
   const params = new URLSearchParams(location.search);
   if (params.get("decoder") === "server") {
@@ -963,7 +965,10 @@ async function initDecoder() {
       : isolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
     const decoder = await SamkitDecoder.BrowserDecoder.create(manifest,
       { graph: params.get("graph") || "fp32", threads });
-    if (seq !== state.decoderSeq) return;
+    if (seq !== state.decoderSeq) {
+      decoder.release(); // a newer initDecoder call has its own
+      return;
+    }
     state.decoder = decoder;
     showDecoder(`Decoding in this page (onnxruntime-web, ${decoder.graph}, ` +
       `${threads} thread${threads > 1 ? "s" : ""}, model v${decoder.version})`, "browser");

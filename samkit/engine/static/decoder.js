@@ -11,7 +11,8 @@
 // resized frame and the original size, and return logits already upscaled to the image for
 // the masks asked for only, exactly as the server's predictor does. Graphs (by sha256) and
 // float16 embeddings (by project, model version and image) are kept in IndexedDB, so a
-// second visit downloads nothing.
+// second visit downloads nothing; `decoder_select.onnx` is fetched at the first refinement.
+// A replaced decoder (model switch) releases its sessions.
 "use strict";
 
 const SamkitDecoder = (() => {
@@ -186,6 +187,8 @@ const SamkitDecoder = (() => {
   // -------------------------------------------------------------------------- the decoder
   // Masks of a decode: the 3 multimask outputs, or the single-mask one (samkit.onnx.export).
   const MULTIMASK = [1, 2, 3], SINGLE = [0];
+  // Graphs loaded with the decoder; decoder_select (refinements) on first use.
+  const EAGER = ["decoder_image", "decoder_prompts"];
 
   class BrowserDecoder {
     // manifest: GET /api/decoder (available); options: {graph: "fp32"|"int8", threads}.
@@ -202,29 +205,25 @@ const SamkitDecoder = (() => {
       const current = `${prefix}v${manifest.model_version}:`;
       await prune((key) => key.startsWith("graph:") ? shas.has(key.slice(6))
         : !key.startsWith(prefix) || key.startsWith(current));
-      const sessions = {};
-      let downloaded = 0;
-      for (const [role, info] of Object.entries(chosen)) {
-        const got = await cached(`graph:${info.sha256}`,
-          async () => (await fetchBytes(info.url)).bytes);
-        if (!got.hit) downloaded += info.bytes;
-        sessions[role] = await ort.InferenceSession.create(new Uint8Array(got.value), {
-          executionProviders: ["wasm"], graphOptimizationLevel: "all",
-        });
-      }
-      return new BrowserDecoder(manifest, graph, threads, sessions, downloaded);
+      const decoder = new BrowserDecoder(manifest, graph, threads, chosen);
+      // The refinement graph waits for the first refinement: a session of boxes and first
+      // clicks never downloads it.
+      await Promise.all(EAGER.map((role) => decoder.session(role)));
+      return decoder;
     }
 
-    constructor(manifest, graph, threads, sessions, downloaded) {
+    constructor(manifest, graph, threads, graphs) {
       this.manifest = manifest;
       this.version = manifest.model_version;
       this.graph = graph;
       this.threads = threads;
-      this.sessions = sessions; // by role: decoder_image, decoder_prompts, decoder_select
+      this.graphs = graphs; // by role: {url, sha256, bytes}
+      this.sessions = {}; // by role: a promise of its ort.InferenceSession, once asked for
+      this.released = false;
       this.imageSize = manifest.image_size;
       this.lowRes = manifest.mask_input_size; // [h, w] of the mask prompt
       this.limit = manifest.mask_threshold;
-      this.bytes = { graph: downloaded, embeddings: 0 }; // fetched (not from IndexedDB)
+      this.bytes = { graph: 0, embeddings: 0 }; // fetched (not from IndexedDB)
       this.image = null; // {id, height, width, embedding (ort.Tensor), products (by name)}
       this.imageSeq = 0; // the latest setImage call: an earlier one finishing later is stale
       this.running = null; // the sessions run one at a time
@@ -250,14 +249,47 @@ const SamkitDecoder = (() => {
       if (!got.hit) this.bytes.embeddings += got.value.byteLength;
       const embedding = new ort.Tensor("float32", halfToFloat(new Uint16Array(got.value)),
         this.manifest.embedding_shape);
+      const imageSession = await this.session("decoder_image");
       const products = await this.exclusive(
-        () => this.sessions.decoder_image.run({ image_embeddings: embedding }));
+        () => imageSession.run({ image_embeddings: embedding }));
       if (seq === this.imageSeq) this.image = { id, height, width, embedding, products };
       return got.hit;
     }
 
     busy() {
       return this.running !== null;
+    }
+
+    // The session of graph `role`: from IndexedDB (by sha256) or downloaded, created once.
+    session(role) {
+      if (this.released) return Promise.reject(new Error("this decoder was replaced"));
+      if (!this.sessions[role]) {
+        const info = this.graphs[role];
+        this.sessions[role] = (async () => {
+          const got = await cached(`graph:${info.sha256}`,
+            async () => (await fetchBytes(info.url)).bytes);
+          if (!got.hit) this.bytes.graph += info.bytes;
+          return ort.InferenceSession.create(new Uint8Array(got.value), {
+            executionProviders: ["wasm"], graphOptimizationLevel: "all",
+          });
+        })();
+        this.sessions[role].catch(() => { delete this.sessions[role]; }); // retried next time
+      }
+      return this.sessions[role];
+    }
+
+    // Free the wasm memory of every session (a model switch replaces this decoder), after
+    // the run in flight.
+    async release() {
+      this.released = true;
+      while (this.running) await this.running.catch(() => {});
+      const sessions = Object.values(this.sessions);
+      this.sessions = {};
+      for (const pending of sessions) {
+        try {
+          await (await pending).release();
+        } catch (err) { /* never created: nothing to free */ }
+      }
     }
 
     // Run `job` (a session run) once the previous one has finished.
@@ -277,6 +309,7 @@ const SamkitDecoder = (() => {
     // Returns {masks: [{bits, area, bbox, score}], lowRes: [Float32Array], ms, session}: the
     // 3 multimask outputs, or the single-mask one, and the graph that decoded them.
     async decode({ points, box, maskInput = null, multimask }) {
+      if (maskInput) await this.session("decoder_select"); // the first refinement loads it
       return this.exclusive(() => this.run(points, box, maskInput, multimask));
     }
 
@@ -314,7 +347,7 @@ const SamkitDecoder = (() => {
           has_mask_input: this.hasMask }]
         : ["decoder_prompts", { ...prompt, ...products }];
       const start = performance.now();
-      const out = await this.sessions[session].run(feeds);
+      const out = await (await this.session(session)).run(feeds);
       const ms = performance.now() - start;
       // masks holds the picked masks only (1 x picks.length x h x w); the scores and low-res
       // logits all 4.
