@@ -7,7 +7,9 @@ For the objects of the first ``--limit`` images of a dataset ``samkit eval point
 centroid, and prints per object the box / point IoU and the mean logit inside vs outside the
 object (for the point prompt's top-ranked mask). A model still on the "empty mask" plateau
 shows the same mean inside and outside; one that localises shows inside > outside well before
-its IoUs leave 0. Accepts a training ``checkpoint.pt`` (the model is built from the run's
+its IoUs leave 0. "Same mask elsewhere" is the IoU between that mask and the top-ranked mask
+for a click on the background pixel farthest from the centroid: near 1, the model answers a
+click with the same region wherever it lands (it does not follow the point). Accepts a training ``checkpoint.pt`` (the model is built from the run's
 ``config.yaml`` beside it, so grown models load too) or any weights file ``build_sam`` loads.
 """
 
@@ -44,7 +46,7 @@ def main() -> None:
     load_into(sam, load_state_dict(args.checkpoint), args.model, str(args.checkpoint))
     predictor = SamPredictor(sam.eval())
 
-    box_ious, point_ious = [], []
+    box_ious, point_ious, same_ious = [], [], []
     for item in open_dataset(args.data, args.limit).items:
         sample = item.load()
         predictor.set_image(sample.image)
@@ -60,12 +62,19 @@ def main() -> None:
             logits, scores, _ = predictor.predict(point, np.array([1]), return_logits=True)
             best = logits[int(scores.argmax())]
             point_ious.append(mask_iou(best > 0, obj.mask, obj.ignore))
+            by, bx = np.nonzero(~obj.mask)
+            far = int(np.argmax((bx - point[0, 0]) ** 2 + (by - point[0, 1]) ** 2))
+            logits, scores, _ = predictor.predict(np.array([[bx[far], by[far]]]), np.array([1]),
+                                                  return_logits=True)
+            same_ious.append(mask_iou(logits[int(scores.argmax())] > 0, best > 0, None))
             print(f"{sample.name}#{index}: box IoU {box_ious[-1]:.2f}, point IoU "
                   f"{point_ious[-1]:.2f}, mean logit inside {best[obj.mask].mean():.2f} / "
-                  f"outside {best[~obj.mask].mean():.2f}")
+                  f"outside {best[~obj.mask].mean():.2f}, same mask elsewhere "
+                  f"{same_ious[-1]:.2f}")
     if not box_ious:
         raise SamkitError(f"no objects in {args.data}")
-    print(f"mean box IoU {np.mean(box_ious):.3f}, mean point IoU {np.mean(point_ious):.3f}")
+    print(f"mean box IoU {np.mean(box_ious):.3f}, mean point IoU {np.mean(point_ious):.3f}, "
+          f"mean same mask elsewhere {np.mean(same_ious):.3f}")
 
 
 if __name__ == "__main__":
