@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import signal
 import subprocess
@@ -374,3 +375,34 @@ def test_a_grown_model_starts_as_its_checkpoint(tmp_path) -> None:
         assert torch.equal(grown.image_encoder(x), trained.eval().image_encoder(x))
     with pytest.raises(SamkitError, match=r"missing: \d+ \(e.g. image_encoder.neck.blocks"):
         build_model(TrainConfig(**base), torch.device("cpu"))
+
+
+def test_content_dropout_decodes_on_the_spatial_mean(shapes: Path) -> None:
+    """With content_dropout 1 every mask is decoded on its image's spatial mean embedding:
+    shuffling the embedding's positions leaves the loss unchanged; at 0 it does not."""
+    cfg = run_config(shapes, Path("unused"), scale_range=(1.0, 1.0), hflip=False)
+    torch.manual_seed(0)
+    sam = build_sam_from_config(cfg.model_config())
+    dataset = TrainDataset([open_source(str(shapes))], AugmentConfig(SIZE, (1.0, 1.0),
+                                                                     hflip=False), seed=3)
+    batch = collate([dataset[(0, i)] for i in range(2)], SIZE)
+
+    def loss(dropout: float, shuffle: bool) -> float:
+        step = TrainStep(sam, frozen_encoder=True, seed=5, prompt_iterations=((0, 3),),
+                         content_dropout=dropout).eval()
+        embed = step.embed
+
+        def shuffled(b):
+            e = embed(b)
+            order = torch.randperm(e.shape[-2] * e.shape[-1],
+                                   generator=torch.Generator().manual_seed(1))
+            return e.flatten(2)[..., order].view_as(e) if shuffle else e
+
+        step.embed = shuffled
+        with torch.no_grad():
+            return step(batch, 0).loss.item()
+
+    assert math.isclose(loss(1.0, False), loss(1.0, True), rel_tol=1e-6)
+    assert not math.isclose(loss(0.0, False), loss(0.0, True), rel_tol=1e-4)
+    with pytest.raises(SamkitError, match="content_dropout must be in"):
+        TrainConfig(content_dropout=1.5)

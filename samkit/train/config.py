@@ -117,6 +117,9 @@ class TrainConfig:
     # Weight of a class-balanced BCE added to the mask loss (0: the paper's loss). It gives
     # small objects the pull focal and dice lose once an output is empty there (losses.py).
     balanced_bce_weight: float = 0.0
+    # Share of masks decoded on their image's content-free embedding (its spatial mean), so
+    # only the prompt's position locates them: trains the decoder to follow a click.
+    content_dropout: float = 0.0
     amp: bool = True  # bf16 autocast, on CUDA only
 
     # --- run
@@ -151,6 +154,8 @@ class TrainConfig:
                      "ckpt_interval", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise SamkitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.content_dropout <= 1:
+            raise SamkitError(f"content_dropout must be in [0, 1], got {self.content_dropout}")
         if self.balanced_bce_weight < 0:
             raise SamkitError(f"balanced_bce_weight must be >= 0, got {self.balanced_bce_weight}")
         lo, hi = self.scale_range

@@ -122,7 +122,8 @@ def train(cfg: TrainConfig) -> list[dict[str, float]]:
                                 cfg.loss_resolution, cfg.prompt_iterations,
                                 LossWeights(cfg.focal_weight, cfg.dice_weight,
                                             cfg.iou_weight, cfg.balanced_bce_weight),
-                                cfg.box_multimask, cfg.text_share).train()
+                                cfg.box_multimask, cfg.text_share,
+                                cfg.content_dropout).train()
         model: nn.Module = step_module
         if env.world_size > 1:
             # Some parameters sit out some steps (box-corner embeddings when every first

@@ -70,7 +70,7 @@ class TrainStep(nn.Module):
                  loss_resolution: str = "input",
                  prompt_iterations: Sequence[tuple[int, int]] = ((0, PAPER_ITERATIONS),),
                  loss_weights: LossWeights = LossWeights(), box_multimask: bool = True,
-                 text_share: float = 0.0) -> None:
+                 text_share: float = 0.0, content_dropout: float = 0.0) -> None:
         super().__init__()
         self.sam = sam
         self.frozen_encoder = frozen_encoder
@@ -80,6 +80,10 @@ class TrainStep(nn.Module):
         self.loss_weights = loss_weights
         self.box_multimask = box_multimask
         self.text_share = text_share  # App. D.5: share of masks prompted by their crop's CLIP
+        # Share of masks decoded, in every iteration, on their image's content-free
+        # embedding (its spatial mean): there only the prompt's position can say where the
+        # mask is, which trains the decoder's positional path for points (docs/samkit-tiny.md).
+        self.content_dropout = content_dropout
         self.timer = StepTimer(sam.device)
 
     def iterations_at(self, step: int) -> int:
@@ -149,12 +153,17 @@ class TrainStep(nn.Module):
             text_available = torch.isfinite(clip).all(dim=1)
             text_tokens = sam.text_prompt(torch.nan_to_num(clip, nan=0.0))
 
+        content_free: torch.Tensor | None = None  # M bool, drawn below
+
         def decode(rows, points, labels, boxes, mask_prompt, multimask, text=False):
             sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=boxes,
                                                masks=mask_prompt,
                                                text=text_tokens[rows] if text else None)
-            return sam.mask_decoder(embeddings[image_of_mask[rows]], image_pe, sparse, dense,
-                                    multimask)
+            image = embeddings[image_of_mask[rows]]
+            if content_free is not None:
+                image = torch.where(content_free[rows, None, None, None],
+                                    image.mean(dim=(2, 3), keepdim=True), image)
+            return sam.mask_decoder(image, image_pe, sparse, dense, multimask)
 
         # A zero tied to a trainable parameter: backward (and DDP) still work when no image
         # of the batch has a mask.
@@ -164,6 +173,8 @@ class TrainStep(nn.Module):
             random = MaskRandom(
                 [torch.Generator(device).manual_seed(s) for s in batch.prompt_seeds], counts
             )
+            if self.content_dropout:  # drawn first; runs without it keep their prompts
+                content_free = random.rand() < self.content_dropout
             schedule = torch.Generator().manual_seed(schedule_seed(self.seed, step))
             predictions = simulate_prompts(decode, gt, valid, random, schedule,
                                            self.iterations_at(step), self.box_multimask,
