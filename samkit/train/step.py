@@ -154,6 +154,7 @@ class TrainStep(nn.Module):
             text_tokens = sam.text_prompt(torch.nan_to_num(clip, nan=0.0))
 
         content_free: torch.Tensor | None = None  # M bool, drawn below
+        mean_embeddings: torch.Tensor | None = None  # B x C x 1 x 1, with content_free
 
         def decode(rows, points, labels, boxes, mask_prompt, multimask, text=False):
             sparse, dense = sam.prompt_encoder(points=(points, labels), boxes=boxes,
@@ -162,7 +163,7 @@ class TrainStep(nn.Module):
             image = embeddings[image_of_mask[rows]]
             if content_free is not None:
                 image = torch.where(content_free[rows, None, None, None],
-                                    image.mean(dim=(2, 3), keepdim=True), image)
+                                    mean_embeddings[image_of_mask[rows]], image)
             return sam.mask_decoder(image, image_pe, sparse, dense, multimask)
 
         # A zero tied to a trainable parameter: backward (and DDP) still work when no image
@@ -175,6 +176,7 @@ class TrainStep(nn.Module):
             )
             if self.content_dropout:  # drawn first; runs without it keep their prompts
                 content_free = random.rand() < self.content_dropout
+                mean_embeddings = embeddings.mean(dim=(2, 3), keepdim=True)  # once per image
             schedule = torch.Generator().manual_seed(schedule_seed(self.seed, step))
             predictions = simulate_prompts(decode, gt, valid, random, schedule,
                                            self.iterations_at(step), self.box_multimask,
