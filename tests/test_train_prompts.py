@@ -175,7 +175,8 @@ def test_first_prompt_is_a_point_in_the_mask_or_a_box_with_equal_probability() -
     point_calls = [c for c in first if c["boxes"] is None]
     assert abs(len(box_rows) / m - 0.5) < 0.08
     for call in point_calls:  # one foreground point inside the mask
-        assert call["points"].shape[1] == 1 and (call["labels"] == 1).all()
+        assert call["points"].shape[1] == 1 and call["labels"].shape == call["points"].shape[:2]
+        assert (call["labels"] == 1).all()  # (true of an empty tensor too: the shape first)
         x, y = call["points"][:, 0, 0].long(), call["points"][:, 0, 1].long()
         assert gt[call["rows"], y, x].all()
     for call in (c for c in first if c["boxes"] is not None):  # the box alone

@@ -68,8 +68,11 @@ class PromptEncoder(nn.Module):
         """``B x N x 2`` pixel coords (input frame) + ``B x N`` labels -> ``B x N(+1) x C``.
 
         ``pad`` appends one "not a point" token; the official model was trained that way
-        whenever no box accompanies the points.
+        whenever no box accompanies the points. Labels of any other shape are refused: a
+        ``B x 0`` or ``B x 1`` label tensor would broadcast over the tokens below and turn
+        every point into padding without an error.
         """
+        check_point_shapes(points, labels)
         points = points + 0.5  # centre of the pixel
         if pad:
             points = torch.cat([points, points.new_zeros(points.shape[0], 1, 2)], dim=1)
@@ -138,6 +141,15 @@ class PromptEncoder(nn.Module):
             h, w = self.image_embedding_size
             dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, h, w)
         return sparse_embeddings, dense
+
+
+def check_point_shapes(points: torch.Tensor, labels: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``points`` is ``B x N x 2`` and ``labels`` ``B x N``."""
+    if points.dim() != 3 or points.shape[-1] != 2:
+        raise ValueError(f"points must be B x N x 2, got {tuple(points.shape)}")
+    if tuple(labels.shape) != tuple(points.shape[:2]):
+        raise ValueError(f"labels must be B x N = {tuple(points.shape[:2])} for points "
+                         f"{tuple(points.shape)}, got {tuple(labels.shape)}")
 
 
 def _batch_size(

@@ -70,6 +70,8 @@ class Prediction:
     points: torch.Tensor  # M x P x 2 (x, y) error points added so far (for inspection/tests)
     labels: torch.Tensor  # M x P
     first_prompt: torch.Tensor  # M long: the session's first prompt, FIRST_PROMPT_KINDS index
+    first_points: torch.Tensor  # M x 2 (x, y): the first click (used where first_prompt is one)
+    boxes: torch.Tensor  # M x 4 XYXY: the noisy box (used where first_prompt is one)
 
 
 class MaskRandom:
@@ -142,7 +144,7 @@ def simulate_prompts(
             box_multimask, use_text,
         )
         predictions.append(Prediction(low_res, iou_pred, multimask, kind, points, labels,
-                                      first_prompt))
+                                      first_prompt, first_point, boxes))
 
         # Feed the best mask (by predicted IoU) back, unthresholded and detached; its
         # thresholded upsampling is where the next error point comes from.
@@ -276,7 +278,11 @@ def decode_mixed(
         group_points, group_labels = points[rows], labels[rows]
         if not box_group:
             group_points = torch.cat([first_point[rows, None], group_points], dim=1)
-            foreground = torch.full_like(group_labels[:, :1], LABEL_FOREGROUND)
+            # One label per row: the error-point labels may have no column yet (iteration
+            # 0), and a label tensor shaped from them would be M x 0, which the prompt
+            # encoder refuses (it used to broadcast the pad label over the click).
+            foreground = torch.full((len(rows), 1), LABEL_FOREGROUND, dtype=labels.dtype,
+                                    device=labels.device)
             group_labels = torch.cat([foreground, group_labels], dim=1)
         outputs.append(decode(
             rows,
