@@ -178,9 +178,14 @@ ENCODER_KEY = "encoder"  # header: the encoder config a samkit checkpoint was sa
 def recorded_encoder(path: str | Path, cfg: SamConfig) -> ViTConfig | TinyViTConfig | HedConfig:
     """The encoder config a samkit checkpoint records (``save_checkpoint``), as ``cfg``'s
     encoder with the recorded fields; ``cfg.encoder`` when nothing is recorded or the record
-    is of another encoder type (the strict load then says what does not fit)."""
-    text = checkpoint_metadata(path).get(ENCODER_KEY)
+    is of another encoder type (the strict load then says what does not fit). A samkit file
+    of samkit-tiny's encoder saved before encoders were recorded holds the plain stem
+    (``HedConfig()``: the only one such a file could be loaded as then)."""
+    metadata = checkpoint_metadata(path)
+    text = metadata.get(ENCODER_KEY)
     if text is None:
+        if isinstance(cfg.encoder, HedConfig) and metadata.get("format") == "samkit":
+            return HedConfig()
         return cfg.encoder
     try:
         fields = json.loads(text)

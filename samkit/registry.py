@@ -37,8 +37,10 @@ class TinyViTConfig:
 
 @dataclass(frozen=True)
 class HedConfig:
-    """HED's VGG16 blocks 1-4 (frozen, pretrained) + a small trainable neck: samkit-tiny's
-    encoder (``samkit.modeling.hed_encoder``). It takes RGB minus HED's pixel mean."""
+    """HED's VGG16 blocks 1-4 (pretrained) + a small trainable neck, the encoder of
+    samkit-tiny (``samkit.modeling.hed_encoder``). It takes RGB minus HED's pixel mean. The
+    defaults are the plain stem (blocks 1-4 frozen, no branches); the registry's samkit-tiny
+    is the shipped variant (:data:`SAMKIT_TINY_ENCODER`)."""
 
     neck_blocks: int = 0  # global self-attention blocks over the embedding grid, after the conv
     stem_int8: bool = False  # VGG conv weights stored as int8 (per output channel)
@@ -67,6 +69,10 @@ class SamConfig:
         return self.image_size // 16
 
 
+# The shipped samkit-tiny: blocks 1-3 frozen and stored as int8, block 4 fine-tuned, block 5
+# as a trained context branch (docs/samkit-tiny.md, "Architecture").
+SAMKIT_TINY_ENCODER = HedConfig(stem_int8=True, context_block=True, train_block4=True)
+
 MODEL_CONFIGS: dict[str, SamConfig] = {
     "vit_h": SamConfig(
         ViTConfig(1280, 32, 16, (7, 15, 23, 31)), description="SAM ViT-H (636M), official"
@@ -79,11 +85,11 @@ MODEL_CONFIGS: dict[str, SamConfig] = {
     ),
     "vit_t": SamConfig(TinyViTConfig(), description="MobileSAM TinyViT-5M (10M)"),
     "samkit-tiny": SamConfig(
-        HedConfig(),
+        SAMKIT_TINY_ENCODER,
         image_size=512,
         bundled_weights="samkit_tiny.safetensors",
-        description="samkit's default (12M): HED VGG16 stem + SAM decoder at 512 px, "
-                    "trained with samkit train",
+        description="samkit's default (20M): HED VGG16 (blocks 4-5 fine-tuned) + SAM decoder "
+                    "at 512 px, trained with samkit train",
     ),
 }
 DEFAULT_MODEL = "samkit-tiny"

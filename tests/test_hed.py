@@ -3,6 +3,7 @@ built on it (frozen stem, cached features)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,14 @@ from samkit.errors import SamkitError
 from samkit.images import load_image
 from samkit.modeling.hed import HED, HED_PIXEL_MEAN, convert_keras_h5
 from samkit.modeling.hed_encoder import HedEncoder, load_hed_stem
-from samkit.registry import get_config
+from samkit.registry import HedConfig, get_config
 
 REPO = Path(__file__).resolve().parents[1]
 HED_H5 = REPO / "runs" / "hed" / "hed_bsds500.weights.h5"
 GRABCUT = REPO.parent / "shared" / "data" / "grabcut"
+# samkit-tiny on the plain stem (blocks 1-4 frozen, no branches): what the options grow from.
+PLAIN_TINY = dataclasses.replace(get_config("samkit-tiny"), encoder=HedConfig(),
+                                 bundled_weights=None)
 needs_h5 = pytest.mark.skipif(not HED_H5.is_file(),
                               reason="HED weights absent: run scripts/get_hed_weights.sh")
 
@@ -157,16 +161,11 @@ def test_int8_storage_round_trip() -> None:
 
 
 def test_int8_stem_is_stored_as_int8_and_loads_strictly(tmp_path: Path) -> None:
-    import dataclasses
-
     from safetensors import safe_open
 
     from samkit.build import INT8_SCALE_SUFFIX, build_sam, save_checkpoint
 
-    base = get_config("samkit-tiny")
-    cfg = dataclasses.replace(base, encoder=dataclasses.replace(base.encoder, neck_blocks=1,
-                                                                 stem_int8=True),
-                              bundled_weights=None)
+    cfg = dataclasses.replace(PLAIN_TINY, encoder=HedConfig(neck_blocks=1, stem_int8=True))
     torch.manual_seed(0)
     sam = build_sam_from_config(cfg)
     sam.image_encoder.round_stem_to_int8()
@@ -285,15 +284,11 @@ def test_context_block_loads_hed_block5(hed_state: dict[str, torch.Tensor]) -> N
 
 
 def test_context_block_is_stored_int8_with_the_stem(tmp_path: Path) -> None:
-    import dataclasses
-
     from safetensors import safe_open
 
     from samkit.build import build_sam, save_checkpoint
 
-    base = get_config("samkit-tiny")
-    cfg = dataclasses.replace(base, encoder=dataclasses.replace(
-        base.encoder, context_block=True, stem_int8=True), bundled_weights=None)
+    cfg = dataclasses.replace(PLAIN_TINY, encoder=HedConfig(context_block=True, stem_int8=True))
     torch.manual_seed(0)
     sam = build_sam_from_config(cfg)
     names = sam.image_encoder.int8_weight_names()
@@ -320,7 +315,10 @@ def test_training_grows_a_trained_model_by_the_pretrained_context_block(
     from samkit.train.loop import build_model
 
     torch.manual_seed(0)
-    trained = build_sam("samkit-tiny", checkpoint=None)
+    trained = build_sam_from_config(
+        dataclasses.replace(PLAIN_TINY, encoder=HedConfig(stem_int8=True)))
+    with torch.no_grad():
+        trained.image_encoder.round_stem_to_int8()  # as every trained samkit-tiny's stem is
     path = save_checkpoint(trained, tmp_path / "trained.safetensors")
     cfg = TrainConfig(model="samkit-tiny", init_checkpoint=str(path), stem_weights=str(HED_H5),
                       out_dir=str(tmp_path / "run"),
@@ -330,7 +328,7 @@ def test_training_grows_a_trained_model_by_the_pretrained_context_block(
     encoder = grown.image_encoder
     assert torch.equal(encoder.context.conv1.weight, hed_state["features.blocks.4.conv1.weight"])
     assert all(p.requires_grad for p in encoder.context.parameters())
-    assert not any(p.requires_grad for p in encoder.features.parameters())
+    assert encoder.stem_frozen
     x = torch.randn(1, 3, 512, 512)
     with torch.no_grad():
         assert torch.equal(encoder(x), trained.eval().image_encoder(x))
@@ -339,13 +337,9 @@ def test_training_grows_a_trained_model_by_the_pretrained_context_block(
 def test_a_variant_checkpoint_loads_by_its_registry_name(tmp_path: Path) -> None:
     """A samkit-tiny trained with model_overrides records its encoder config, so
     ``build_sam("samkit-tiny", file)`` (every command's --checkpoint) builds that variant."""
-    import dataclasses
-
     from samkit.build import build_sam, save_checkpoint
 
-    base = get_config("samkit-tiny")
-    cfg = dataclasses.replace(base, encoder=dataclasses.replace(
-        base.encoder, context_block=True, stem_int8=True))
+    cfg = dataclasses.replace(PLAIN_TINY, encoder=HedConfig(context_block=True, stem_int8=True))
     torch.manual_seed(0)
     sam = build_sam_from_config(cfg)
     path = save_checkpoint(sam, tmp_path / "variant.safetensors")
@@ -354,8 +348,25 @@ def test_a_variant_checkpoint_loads_by_its_registry_name(tmp_path: Path) -> None
     x = torch.randn(1, 3, 512, 512)
     with torch.no_grad():
         assert torch.equal(loaded.image_encoder(x), sam.image_encoder(x))
-    plain = save_checkpoint(build_sam_from_config(base), tmp_path / "plain.safetensors")
+    plain = save_checkpoint(build_sam_from_config(PLAIN_TINY), tmp_path / "plain.safetensors")
     assert build_sam("samkit-tiny", plain).image_encoder.context is None
+
+
+def test_a_file_from_before_encoder_records_loads_as_the_plain_stem(tmp_path: Path) -> None:
+    """samkit-tiny files written before the header recorded the encoder (the step-3,400
+    weights among them) hold the plain stem and still load by the registry name."""
+    from safetensors.torch import save_file
+
+    from samkit.build import build_sam
+
+    torch.manual_seed(0)
+    plain = build_sam_from_config(PLAIN_TINY)
+    path = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path),
+              metadata={"format": "samkit", "image_size": "512"})
+    loaded = build_sam("samkit-tiny", path)
+    assert loaded.image_encoder.context is None and not loaded.image_encoder.stem_int8
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 @pytest.mark.parametrize("record, message", [
