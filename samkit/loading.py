@@ -1,5 +1,5 @@
-"""Choosing and building the model a command runs: one set of model options for every
-command, one device rule, one warning for untrained weights.
+"""Choosing and building the model a command runs: one model lookup, one device rule, one
+warning for untrained weights (the options that choose them: ``samkit.commands.arguments``).
 
 Light at import (no torch until a model is built or a device checked), so commands can
 declare their options without paying for torch in ``--help``.
@@ -7,7 +7,6 @@ declare their options without paying for torch in ``--help``.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from samkit.errors import SamkitError
-from samkit.registry import DEFAULT_MODEL, MODEL_CONFIGS, get_config
+from samkit.registry import get_config
 from samkit.weights import REGISTRY, cached_path
 
 if TYPE_CHECKING:
@@ -29,26 +28,6 @@ class ModelChoice:
 
     name: str
     checkpoint: Path | None
-
-
-BF16_HELP = ("run the image encoder under bf16 autocast: about 4-5x the official fp32 speed "
-             "on a CPU with native bf16 (AVX-512 BF16 / AMX); masks nearly equal fp32 "
-             "(README, Speed)")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, *, bf16: bool = True,
-                        device_help: str | None = "default: cuda if available, else cpu") -> None:
-    """``--model``, ``--checkpoint``, ``--device`` (unless ``device_help`` is None) and (with
-    ``bf16``) ``--bf16``."""
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
-                        help=f"one of {', '.join(MODEL_CONFIGS)} (default {DEFAULT_MODEL})")
-    parser.add_argument("--checkpoint", type=Path, metavar="PATH",
-                        help="weights for --model (default: bundled, or the "
-                        "`samkit weights fetch` cache)")
-    if device_help is not None:
-        parser.add_argument("--device", metavar="cpu|cuda", help=device_help)
-    if bf16:
-        parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
 
 
 def resolve_model(name: str, checkpoint: Path | None) -> ModelChoice:

@@ -50,6 +50,20 @@ class HedConfig:
 
 
 @dataclass(frozen=True)
+class EverythingFilters:
+    """Segment-everything's quality filters: a mask is kept when its predicted IoU exceeds
+    ``pred_iou_thresh`` and its stability score reaches ``stability_score_thresh``. The
+    paper's values (§7.3) were set for SAM's IoU head; a model whose head is calibrated
+    otherwise registers its own, measured on training images (docs/everything.md)."""
+
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+
+
+PAPER_FILTERS = EverythingFilters()
+
+
+@dataclass(frozen=True)
 class SamConfig:
     """Everything needed to build a SAM; the prompt encoder / decoder are the paper's."""
 
@@ -62,6 +76,7 @@ class SamConfig:
     decoder_mlp_dim: int = 2048
     num_multimask_outputs: int = 3
     bundled_weights: str | None = None  # file in samkit/weights/ shipped with the package
+    everything_filters: EverythingFilters = field(default=PAPER_FILTERS, compare=False)
     description: str = field(default="", compare=False)
 
     @property
@@ -69,9 +84,10 @@ class SamConfig:
         return self.image_size // 16
 
 
-# The shipped samkit-tiny: blocks 1-3 frozen and stored as int8, block 4 fine-tuned, block 5
-# as a trained context branch (docs/samkit-tiny.md, "Architecture").
-SAMKIT_TINY_ENCODER = HedConfig(stem_int8=True, context_block=True, train_block4=True)
+# The shipped samkit-tiny (the encoder record of its bundled file): VGG blocks 1-4 frozen
+# (block 4 as fine-tuned by an earlier run), block 5 as a trained context branch, the VGG
+# convs stored int8 (docs/samkit-tiny.md, "Architecture").
+SAMKIT_TINY_ENCODER = HedConfig(stem_int8=True, context_block=True, train_block4=False)
 
 MODEL_CONFIGS: dict[str, SamConfig] = {
     "vit_h": SamConfig(

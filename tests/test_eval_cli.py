@@ -74,9 +74,17 @@ def test_proposals_smoke(tmp_path):
                      "--limit", "1", "--points-per-side", "4")
     assert code == 0
     _outputs_exist(tmp_path, doc)
-    m = doc["datasets"][0]["methods"]["samkit-tiny"]
+    methods = doc["datasets"][0]["methods"]
+    m = methods["samkit-tiny"]  # the paper's protocol: no quality filters
     assert m["images"] == 1 and 0 < m["proposals"] <= 48
     assert {"AR@10", "AR@100", "AR@1000", "AR_small@1000"} <= m.keys()
+    # Beside it, what `samkit everything` keeps with the model's own filters.
+    from samkit.registry import get_config
+
+    filters = get_config("samkit-tiny").everything_filters
+    (filtered,) = [v for k, v in methods.items() if k.startswith("samkit-tiny, everything")]
+    assert f"IoU > {filters.pred_iou_thresh:g}" in next(k for k in methods if k != "samkit-tiny")
+    assert filtered["images"] == 1 and filtered["proposals"] <= m["proposals"]
 
 
 def test_instances_smoke(tmp_path):

@@ -457,3 +457,25 @@ def test_bf16_flag_reaches_the_generator_spec_and_its_predictor(tmp_path, monkey
     assert loaded.generate.__self__.predictor.encoder_dtype == torch.bfloat16
     assert GeneratorSpec(model="samkit-tiny", device="cpu")().generate.__self__.predictor \
         .encoder_dtype is None
+
+
+def test_quality_filters_default_to_the_models_and_the_paper_is_one_flag_away():
+    """``samkit everything`` (and ``engine auto``) filter with the registered model's
+    measured thresholds; ``--paper-filters`` gives §7.3's 0.88 / 0.95; a threshold given on
+    the command line wins over either."""
+    from samkit.commands.arguments import generator_filters
+    from samkit.registry import PAPER_FILTERS, EverythingFilters, get_config
+
+    parser = cli.build_parser()
+
+    def filters(*flags: str, model: str = "samkit-tiny") -> EverythingFilters:
+        return generator_filters(parser.parse_args(["everything", "x.png", *flags]), model)
+
+    assert filters() == get_config("samkit-tiny").everything_filters
+    assert filters(model="vit_b") == PAPER_FILTERS == EverythingFilters(0.88, 0.95)
+    assert filters("--paper-filters") == PAPER_FILTERS
+    assert filters("--paper-filters", "--pred-iou-thresh", "0.5") == EverythingFilters(0.5, 0.95)
+    own = get_config("samkit-tiny").everything_filters
+    assert filters("--stability-score-thresh", "0") == EverythingFilters(own.pred_iou_thresh, 0.0)
+    auto = parser.parse_args(["engine", "auto", "proj"])
+    assert generator_filters(auto, "samkit-tiny") == own

@@ -288,6 +288,10 @@ def test_prompt_errors(tiny: tuple[Sam, Path]) -> None:
         ({}, "no prompt given"),
         ({"point_coords": np.array([[1.0, 2.0]])}, "point_labels must be given"),
         ({"point_coords": np.array([[1.0, 2.0]]), "point_labels": np.array([5])}, "point labels"),
+        ({"point_coords": np.array([[1.0, 2.0]]), "point_labels": np.array([1, 1])},
+         "point labels must be N = \\(1,\\)"),
+        ({"point_coords": np.array([[1.0, 2.0]]), "point_labels": np.zeros(0)},
+         "point labels must be N"),
         ({"box": np.array([10.0, 10.0, 5.0, 20.0])}, "x1 >= x0"),
         ({"mask_input": np.zeros((1, 64, 64))}, "mask_input must be 1 x 128 x 128"),
     ]

@@ -206,3 +206,20 @@ def test_points_and_labels_of_other_shapes_are_refused(points, labels) -> None:
                 boxes=None, masks=None)
     with pytest.raises(ValueError, match="must be B x N"):
         check_point_shapes(torch.zeros(points), torch.ones(labels))
+
+
+def test_the_predictor_refuses_labels_of_another_shape() -> None:
+    """The user-facing entries: ``predict`` / ``predict_batch`` check the arrays (one line,
+    ``SamkitError``), ``predict_torch`` (tensors in the input frame) reaches the prompt
+    encoder's guard."""
+    from samkit.errors import SamkitError
+
+    torch.manual_seed(0)
+    predictor = SamPredictor(build_sam_from_config(TINY).eval())
+    predictor.set_image(np.zeros((96, 128, 3), np.uint8))
+    with pytest.raises(SamkitError, match="point labels must be"):
+        predictor.predict(np.array([[10.0, 20.0]]), np.zeros(0))
+    with pytest.raises(SamkitError, match="point labels must be"):
+        predictor.predict_batch(np.zeros((2, 1, 2)), np.ones((2, 2)))
+    with pytest.raises(ValueError, match="labels must be B x N"):
+        predictor.predict_torch(torch.zeros(2, 1, 2), torch.ones(2, 0, dtype=torch.int))

@@ -160,6 +160,8 @@ def test_simulation_iterations_multimask_and_mask_prompts() -> None:
         expected.append(n)
     assert counts == expected
     for call in decoder.calls:
+        # One label per point in every call (the decoder stand-in would accept any shape).
+        assert call["labels"].shape == call["points"].shape[:2]
         if call["multimask"]:
             assert call["mask_prompt"] is None  # iteration 0: no mask prompt yet
         else:

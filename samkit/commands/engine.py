@@ -15,8 +15,7 @@ from samkit.registry import DEFAULT_MODEL, MODEL_CONFIGS
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``samkit annotate`` and ``samkit engine``."""
-    from samkit.commands.everything import add_generator_arguments
-    from samkit.loading import BF16_HELP
+    from samkit.commands.arguments import BF16_HELP, add_generator_arguments
 
     annotate = subparsers.add_parser(
         "annotate", help="the data engine's annotation web app (paper §4)",
@@ -197,6 +196,7 @@ def bind_listener(host: str, port: int) -> socket.socket:
 
 
 def run_auto(args: argparse.Namespace) -> int:
+    from samkit.commands.arguments import generator_filters
     from samkit.engine.project import Project
     from samkit.engine.stages import run_auto as auto
     from samkit.everything import GeneratorSpec, resolve_shard
@@ -208,10 +208,11 @@ def run_auto(args: argparse.Namespace) -> int:
     if version is None:
         raise SamkitError(f"unknown model version {args.model_version}")
     shard = resolve_shard(args.shard, os.environ)
+    filters = generator_filters(args, version.model)
     spec = GeneratorSpec(
         model=version.model, checkpoint=project.checkpoint_path(version), device=args.device,
-        points_per_side=args.points_per_side, pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh, crop_n_layers=args.crop_n_layers,
+        points_per_side=args.points_per_side, pred_iou_thresh=filters.pred_iou_thresh,
+        stability_score_thresh=filters.stability_score_thresh, crop_n_layers=args.crop_n_layers,
         min_mask_region_area=args.min_mask_region_area, bf16=args.bf16,
     )
     summary = auto(project, version, shard, spec)

@@ -8,6 +8,7 @@ the reasons), 2 for a usage error (unknown model, missing checkpoint, bad option
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import platform
 import sys
@@ -292,11 +293,19 @@ def _proposals(
 ) -> list[dict[str, Any]]:
     from samkit.automatic import AutomaticMaskGenerator
     from samkit.eval.proposals import generator_settings, run_proposals
+    from samkit.registry import get_config
 
-    generator = AutomaticMaskGenerator(
-        model, points_per_batch=args.points_per_batch, **generator_settings(args.points_per_side)
-    )
-    return run_proposals(datasets, [(info["name"], generator.generate)], log)
+    settings = generator_settings(args.points_per_side)
+    paper = AutomaticMaskGenerator(model, points_per_batch=args.points_per_batch, **settings)
+    # Beside the paper's protocol (no quality filters), what `samkit everything` keeps with
+    # the model's own filters: the same settings with them on, so the NMS sees what it does.
+    filters = get_config(info["name"]).everything_filters
+    filtered = AutomaticMaskGenerator(model, points_per_batch=args.points_per_batch,
+                                      **{**settings, **dataclasses.asdict(filters)})
+    name = (f"{info['name']}, everything filters (IoU > {filters.pred_iou_thresh:g}, "
+            f"stability >= {filters.stability_score_thresh:g})")
+    return run_proposals(datasets, [(info["name"], paper.generate), (name, filtered.generate)],
+                         log)
 
 
 def _instances(

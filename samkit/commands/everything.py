@@ -10,22 +10,9 @@ from pathlib import Path
 from samkit.everything import (DEFAULT_OUT, GeneratorSpec, collect_images, resolve_shard,
                                run_everything, select_shard, under_torchrun)
 from samkit.io import prepare_out_dir
-from samkit.loading import add_model_arguments, resolve_model
-
-
-def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The automatic mask generator's options (paper §7.3 defaults), shared by
-    ``samkit everything`` and ``samkit engine auto``."""
-    parser.add_argument("--points-per-side", type=int, default=32, metavar="N",
-                        help="point grid is N x N per crop (default 32, the paper's)")
-    parser.add_argument("--pred-iou-thresh", type=float, default=0.88, metavar="F",
-                        help="drop masks with predicted IoU below F (default 0.88)")
-    parser.add_argument("--stability-score-thresh", type=float, default=0.95, metavar="F",
-                        help="drop masks with stability score below F (default 0.95)")
-    parser.add_argument("--crop-n-layers", type=int, default=0, metavar="N",
-                        help="also run on N layers of zoomed-in crops (default 0)")
-    parser.add_argument("--min-mask-region-area", type=int, default=0, metavar="N",
-                        help="remove holes and islands smaller than N px (default 0: off)")
+from samkit.commands.arguments import (add_generator_arguments, add_model_arguments,
+                                       generator_filters)
+from samkit.loading import resolve_model
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -70,13 +57,14 @@ def run(args: argparse.Namespace) -> int:
     shard = resolve_shard(args.shard, os.environ)
     mine = select_shard(items, shard)
     outdir = prepare_out_dir(args.out)
+    filters = generator_filters(args, choice.name)
     spec = GeneratorSpec(
         model=choice.name,
         checkpoint=choice.checkpoint,
         device=args.device,
         points_per_side=args.points_per_side,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh,
+        pred_iou_thresh=filters.pred_iou_thresh,
+        stability_score_thresh=filters.stability_score_thresh,
         crop_n_layers=args.crop_n_layers,
         min_mask_region_area=args.min_mask_region_area,
         bf16=args.bf16,

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from samkit.io import prepare_out_dir
-from samkit.loading import add_model_arguments, resolve_model, warn_if_untrained
+from samkit.commands.arguments import add_model_arguments
+from samkit.loading import resolve_model, warn_if_untrained
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from samkit.commands.arguments import add_model_arguments
 from samkit.errors import SamkitError
 from samkit.io import prepare_out_dir, write_bytes_atomic
-from samkit.loading import (ModelChoice, add_model_arguments, build_model, resolve_device,
-                            resolve_model, warn_if_untrained)
+from samkit.loading import (ModelChoice, build_model, resolve_device, resolve_model,
+                            warn_if_untrained)
 from samkit.prompts import (BOX_SYNTAX, POINT_SYNTAX, Prompts, check_prompts_fit, parse_prompts,
                             wants_multimask)
 

@@ -48,7 +48,7 @@ from torch import nn
 import samkit
 from samkit.build import is_trained
 from samkit.errors import SamkitError
-from samkit.modeling.prompt_encoder import LABEL_PAD
+from samkit.modeling.prompt_encoder import LABEL_PAD, check_point_shapes
 from samkit.modeling.resample import resize_matrix
 from samkit.modeling.sam import Sam
 from samkit.modeling.shared_image import ImageCache
@@ -139,6 +139,7 @@ class DecoderGraph(nn.Module):
         """Points and box corners as one token list: the same sums as
         :meth:`PromptEncoder.embed_points` / :meth:`PromptEncoder.embed_boxes`, with the token
         kind read from the label (2 / 3 = box corners) instead of the call."""
+        check_point_shapes(coords, labels)
         encoder = self.prompt_encoder
         pe = encoder.pe_layer.forward_with_coords(coords + 0.5, encoder.input_image_size)
         labels = labels[..., None]
