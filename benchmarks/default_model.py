@@ -26,6 +26,7 @@ from samkit import SamPredictor
 from samkit.build import build_sam
 from samkit.images import load_image
 from samkit.registry import MODEL_CONFIGS, SamConfig, TinyViTConfig
+from samkit.runtime import cpu_report
 
 PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_tiny_val2017" / "images"
 
@@ -61,8 +62,8 @@ def main() -> None:
     predictors = {name: SamPredictor(model) for name, model in models.items()}
     point, label = np.array([[320.0, 240.0]]), np.array([1])
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} reps, "
-          f"photo {image.shape[1]}x{image.shape[0]}")
+    print(cpu_report())
+    print(f"{args.reps} reps, photo {image.shape[1]}x{image.shape[0]}")
     print(f"{'model':<20} {'params':>8} {'set_image':>11} {'1 click':>9} "
           f"{'1 click, all threads':>21}")
     for name, predictor in predictors.items():

@@ -119,3 +119,36 @@ def set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+# CPU features that decide which kernels torch's CPU paths can use (/proc/cpuinfo names).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_report() -> str:
+    """One line naming the CPU a number was measured on: model, the ISA flags that matter
+    (:data:`ISA_FLAGS`), torch's CPU capability, torch and oneDNN versions, threads."""
+    import torch
+
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            lines = cpuinfo.read().splitlines()
+    except OSError:  # not Linux: the platform's own name
+        import platform
+
+        lines, model = [], platform.processor() or model
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    present = [f for f in ISA_FLAGS if f in flags] or ["none of " + "/".join(ISA_FLAGS)]
+    onednn = torch.backends.mkldnn.is_available() and next(
+        (line.split("v", 1)[1].split()[0] for line in torch.__config__.show().splitlines()
+         if "MKL-DNN v" in line or "oneDNN v" in line), "?")
+    return (f"{model}, {os.cpu_count()} cores ({' '.join(present)}); torch "
+            f"{torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"oneDNN {onednn or 'absent'}, {torch.get_num_threads()} thread(s)")

@@ -4,6 +4,7 @@ the command's thread policy (threads for the cores other programs leave free).""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -110,3 +111,16 @@ def test_threads_flag_and_omp_num_threads_win(monkeypatch, tmp_path) -> None:
         assert torch.get_num_threads() == 2  # the user's OMP_NUM_THREADS: samkit keeps out
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_report_names_the_cpu_its_isa_and_versions() -> None:
+    import torch
+
+    from samkit.runtime import ISA_FLAGS, cpu_report
+
+    report = cpu_report()
+    assert torch.__version__ in report and torch.backends.cpu.get_cpu_capability() in report
+    assert f"{torch.get_num_threads()} thread(s)" in report
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    listed = set(report.split("(")[1].split(")")[0].split())
+    assert {f for f in ISA_FLAGS if f in flags} == listed - {"none", "of"} - {"/".join(ISA_FLAGS)}
