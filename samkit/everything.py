@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from samkit.errors import SamkitError
-from samkit.io import IMAGE_SUFFIXES, write_text_atomic
+from samkit.io import is_image_file, write_text_atomic
 from samkit.jobs import Job, run_jobs
 from samkit.loading import warn_if_untrained
 from samkit.rle import to_coco_rle
@@ -167,10 +167,11 @@ def collect_images(source: Path, pattern: str | None, exclude: Path) -> list[Ima
 
 
 def _default_images(root: Path) -> Iterable[Path]:
+    """Every image file under ``root`` (:func:`samkit.io.is_image_file`), in no hidden
+    folder."""
     for path in root.rglob("*"):
-        rel_parts = path.relative_to(root).parts
-        if path.suffix.lower() in IMAGE_SUFFIXES and not any(
-            part.startswith(".") for part in rel_parts
+        if is_image_file(path) and not any(
+            part.startswith(".") for part in path.relative_to(root).parent.parts
         ):
             yield path
 
