@@ -104,6 +104,8 @@ MODEL_CONFIGS: dict[str, SamConfig] = {
         SAMKIT_TINY_ENCODER,
         image_size=512,
         bundled_weights="samkit_tiny.safetensors",
+        # Best F1 on 10 training images (scripts/everything_thresholds.py, docs/everything.md).
+        everything_filters=EverythingFilters(pred_iou_thresh=0.5, stability_score_thresh=0.0),
         description="samkit's default (20M): HED VGG16 (blocks 4-5 fine-tuned) + SAM decoder "
                     "at 512 px, trained with samkit train",
     ),
