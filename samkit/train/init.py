@@ -6,7 +6,7 @@ point and the PE of an image position have a dot product that is a Gaussian kern
 distance. Behind two independently initialised projections, though, ``q . k = PE_i^T Wq^T Wk
 PE_j`` has no preference for matching positions, and the decoder must first learn one; until
 it has, the best it can output is one constant map per prompt kind (empty masks under the
-focal loss). That is the "empty-mask plateau" of from-scratch runs (docs/samkit-tiny.md).
+focal loss). That is the "empty-mask plateau" of from-scratch runs (docs/samkit-tiny-runs.md).
 
 :func:`localising_init` starts every attention between tokens and image with ``Wk = Wq``
 (so ``Wq^T Wq`` is positive semi-definite and close to a multiple of the identity: the scores

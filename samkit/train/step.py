@@ -82,7 +82,7 @@ class TrainStep(nn.Module):
         self.text_share = text_share  # App. D.5: share of masks prompted by their crop's CLIP
         # Share of masks decoded, in every iteration, on their image's content-free
         # embedding (its spatial mean): there only the prompt's position can say where the
-        # mask is, which trains the decoder's positional path for points (docs/samkit-tiny.md).
+        # mask is, which trains the decoder's positional path for points (docs/samkit-tiny-runs.md).
         self.content_dropout = content_dropout
         self.timer = StepTimer(sam.device)
 
